@@ -1,0 +1,121 @@
+"""Config files and `--config.key=value` overrides, with one-line errors for bad input.
+
+`--config configs/clip.py:b16` imports the file and calls `get_config('b16')` (big_vision
+convention). Overrides are parsed against the type of the field they replace, and the
+config is locked afterwards so code cannot add keys by accident either.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+
+from ml_collections import ConfigDict
+
+
+class ConfigError(ValueError):
+    """A bad config path, variant or override; the message is one line for the user."""
+
+
+def load_config_file(spec: str) -> ConfigDict:
+    path, _, arg = spec.partition(':')
+    if not os.path.isfile(path):
+        here = os.path.dirname(path) or '.'
+        choices = sorted(f for f in os.listdir(here) if f.endswith('.py')) if os.path.isdir(here) else []
+        hint = f"; files in {here}: {', '.join(choices)}" if choices else ''
+        raise ConfigError(f"config file '{path}' does not exist{hint}")
+    module_spec = importlib.util.spec_from_file_location(
+            f'_config_{os.path.basename(path)[:-3]}', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+        raise ConfigError(f"config file '{path}' has no get_config(arg) function")
+    try:
+        return module.get_config(arg or None)
+    except ValueError as e:  # configs raise ValueError for an unknown variant
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def flat_keys(config: ConfigDict, prefix: str = '') -> list[str]:
+    keys = []
+    for k, v in config.items():
+        name = f'{prefix}{k}'
+        keys.append(name)
+        if isinstance(v, ConfigDict):
+            keys.extend(flat_keys(v, name + '.'))
+    return keys
+
+
+def _parse_value(text: str, old):
+    if isinstance(old, bool):
+        if text.lower() in ('true', '1', 'yes'):
+            return True
+        if text.lower() in ('false', '0', 'no'):
+            return False
+        raise ValueError(f"expected a boolean, got '{text}'")
+    if isinstance(old, int):
+        return int(text)
+    if isinstance(old, float):
+        return float(text)
+    if isinstance(old, str):
+        return text
+    try:  # tuples, lists, None and anything else Python can spell literally
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_override(config: ConfigDict, key: str, text: str):
+    *parents, leaf = key.split('.')
+    node = config
+    for i, part in enumerate(parents + [leaf]):
+        if not isinstance(node, ConfigDict) or part not in node:
+            valid = flat_keys(config)
+            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(close)}?" if close else (
+                    f"; valid keys here: {', '.join(sorted(node.keys()))}"
+                    if isinstance(node, ConfigDict) else '')
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        if i < len(parents):
+            node = node[part]
+    old = node[leaf]
+    if isinstance(old, ConfigDict):
+        raise ConfigError(f"config key '{key}' is a group; set one of its fields: "
+                                            f"{', '.join(sorted(old.keys()))}")
+    try:
+        value = _parse_value(text, old)
+    except ValueError as e:
+        raise ConfigError(f"config key '{key}': {e}") from None
+    with config.unlocked():
+        node[leaf] = value
+
+
+def parse_overrides(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Splits `--config.a.b=v` / `--config.a.b v` from the other arguments."""
+    overrides, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith('--config.'):
+            body = arg[len('--config.'):]
+            if '=' in body:
+                key, value = body.split('=', 1)
+            elif i + 1 < len(argv):
+                key, value = body, argv[i + 1]
+                i += 1
+            else:
+                raise ConfigError(f"override '{arg}' has no value")
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return overrides, rest
+
+
+def build_config(spec: str, overrides: list[tuple[str, str]]) -> ConfigDict:
+    config = load_config_file(spec)
+    config.lock()
+    for key, value in overrides:
+        apply_override(config, key, value)
+    return config

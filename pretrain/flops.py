@@ -1,0 +1,83 @@
+"""Model FLOPs per train step, counted analytically, and the peak they are measured against.
+
+Counting (the usual "6 N T" bookkeeping, made exact for our layers): a matmul of (m, k) by
+(k, n) is 2mkn FLOPs; backward costs two forward matmuls (grads w.r.t. input and weight),
+so a train step is 3x the forward. Per transformer block and token of width d, mlp f and
+T tokens: qkv 2*3d^2, out 2d^2, mlp 2*2df, attention scores + values 2*2Td. Element-wise
+ops (norms, gelu, softmax) are left out, as MFU conventions do (PaLM appendix B).
+Rematerialisation's recomputation is not counted either: MFU is about useful model FLOPs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def transformer_forward(tokens: int, width: int, depth: int, mlp_ratio: float) -> float:
+    d, f, t = width, width * mlp_ratio, tokens
+    per_token_layer = 2 * (3 * d * d + d * d + 2 * d * f) + 2 * 2 * t * d
+    return t * depth * per_token_layer
+
+
+def image_text_forward(model_config, *, image_size: int | None = None,
+                                              text_length: int | None = None) -> float:
+    """Forward FLOPs of one image + one caption through ImageTextModel."""
+    img, txt = model_config.image, model_config.text
+    image_size = image_size or img.image_size
+    text_length = text_length or txt.context_length
+    patches = (image_size // img.patch) ** 2
+    tokens = patches + (1 if img.pool == 'cls' else 0)
+    flops = 2 * patches * (img.patch * img.patch * 3) * img.width        # patch embedding
+    flops += transformer_forward(tokens, img.width, img.depth, img.mlp_ratio)
+    if img.pool == 'map':  # probe attention + its mlp on one token
+        flops += 2 * (img.width ** 2 * (1 + 2 * tokens + 1) + 2 * tokens * img.width
+                                    + 2 * img.width * img.width * img.mlp_ratio)
+    flops += transformer_forward(text_length, txt.width, txt.depth, txt.mlp_ratio)
+    flops += 2 * (img.width + txt.width) * model_config.embed_dim       # projections
+    return flops
+
+
+def train_step_flops(config, *, text_per_image: int = 1) -> float:
+    """Model FLOPs of one train step of an image-text config (forward + backward = 3x)."""
+    batch = config.batch_size
+    per_example = image_text_forward(config.model)
+    txt = config.model.text
+    per_example += (text_per_image - 1) * transformer_forward(
+            txt.context_length, txt.width, txt.depth, txt.mlp_ratio)
+    logits = 2 * batch * batch * config.model.embed_dim  # B x B similarity of the losses
+    return 3 * (batch * per_example + logits)
+
+
+# bf16 dense peak per chip (vendor datasheets, no sparsity).
+PEAK_FLOPS = {
+        'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12,
+        'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+        'TPU v6 lite': 918e12,
+}
+
+
+def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a jitted n^3 float32 matmul on the default device: the CPU 'peak'."""
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, a).block_until_ready()
+    best = float('inf')
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def peak_flops_per_device(device=None) -> tuple[float, str]:
+    """(peak FLOP/s, how it was obtained) for one device of the default backend."""
+    device = device or jax.devices()[0]
+    if device.platform == 'cpu':
+        return measured_matmul_flops(), 'measured 2048^3 f32 matmul'
+    for name, peak in PEAK_FLOPS.items():
+        if name.lower() in device.device_kind.lower():
+            return peak, f'{name} bf16 dense datasheet peak'
+    return float('nan'), f'unknown device kind {device.device_kind!r}'

@@ -1,0 +1,95 @@
+"""Pre-training entry point.
+
+    python -m pretrain.main --config configs/dreamlip.py --workdir /tmp/run
+    python -m pretrain.main --config configs/clip.py:b16 --workdir DIR --config.batch_size=4096
+
+Rerunning the same command on a workdir with a checkpoint resumes from it. SIGTERM or
+Ctrl-C saves a checkpoint and exits 0. On several hosts the same command runs on each
+(see launch/); JAX distributed is initialised from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+# glibc malloc hands every buffer over 32 MB back to the OS, so XLA's per-step temporaries
+# are page-faulted in afresh each step: 37-45% of a CPU step (DESIGN.md). These tunables
+# (no extra package) keep them mapped. They only take effect at process start, hence the
+# re-exec below; PRETRAIN_MALLOC=system keeps the process as it is.
+GLIBC_TUNABLES = ('glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4294967296:'
+                                    'glibc.malloc.trim_threshold=4294967296')
+_REEXEC_MARK = 'PRETRAIN_MALLOC_SET'
+
+
+def ensure_fast_malloc():
+    """Re-executes this process once with the malloc tunables set (Linux, glibc only)."""
+    if (os.environ.get('PRETRAIN_MALLOC', 'tuned') != 'tuned' or os.environ.get(_REEXEC_MARK)
+            or not sys.platform.startswith('linux') or 'LD_PRELOAD' in os.environ):
+        return
+    env = dict(os.environ, **{_REEXEC_MARK: '1'})
+    existing = env.get('GLIBC_TUNABLES')
+    env['GLIBC_TUNABLES'] = f'{existing}:{GLIBC_TUNABLES}' if existing else GLIBC_TUNABLES
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
+
+
+def parse_args(argv):
+    from pretrain import config_cli
+    overrides, rest = config_cli.parse_overrides(argv)
+    parser = argparse.ArgumentParser(prog='python -m pretrain.main', description=__doc__,
+                                                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--config', required=True,
+                                            help='config file, optionally with :variant, e.g. configs/clip.py:b16')
+    parser.add_argument('--workdir', required=True,
+                                            help='where metrics, config.json and checkpoints go')
+    parser.add_argument('--coordinator', help='host:port of process 0 (multi-process runs)')
+    parser.add_argument('--num_processes', type=int)
+    parser.add_argument('--process_id', type=int)
+    args = parser.parse_args(rest)
+    return args, overrides
+
+
+def maybe_initialize_distributed(args):
+    """Multi-process JAX from explicit flags or a cluster environment JAX recognises."""
+    import jax
+    explicit = args.coordinator is not None
+    cluster = any(os.environ.get(v) for v in ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES')) \
+            or int(os.environ.get('SLURM_NTASKS', '1')) > 1
+    if explicit:
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                                              num_processes=args.num_processes, process_id=args.process_id)
+    elif cluster:
+        jax.distributed.initialize()
+
+
+def main(argv=None) -> int:
+    from pretrain import config_cli
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, overrides = parse_args(argv)
+        config = config_cli.build_config(args.config, overrides)
+    except config_cli.ConfigError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+
+    logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(name)s: %(message)s')
+    logging.getLogger('pretrain').setLevel(logging.INFO)
+    logging.getLogger('input_pipeline').setLevel(logging.INFO)
+    maybe_initialize_distributed(args)
+
+    from pretrain import train
+    try:
+        train.run(config, args.workdir)
+    except train.NonFiniteLoss as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    ensure_fast_malloc()
+    sys.exit(main())

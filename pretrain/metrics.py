@@ -1,0 +1,80 @@
+"""Metric writers (JSONL + TensorBoard, process 0 only) and the terminal progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+import tqdm
+
+
+def _scalar(v):
+    v = np.asarray(v)
+    return v.item() if v.size == 1 else v.tolist()
+
+
+class MetricWriter:
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TB.
+
+    Only process 0 writes; other processes get a writer that drops everything, so callers
+    never branch on the process index.
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._jsonl = self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+            from tensorboardX import SummaryWriter  # heavy import only where it is used
+            self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+
+    def write(self, step: int, metrics: dict):
+        if not self.enabled:
+            return
+        row = {'step': int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+        # json would write NaN as a bare token that strict parsers reject; null is standard.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                          for k, v in row.items()}
+        self._jsonl.write(json.dumps(clean) + '\n')
+        self._jsonl.flush()
+        for k, v in row.items():
+            if k != 'step' and isinstance(v, (int, float)):
+                self._tb.add_scalar(k, v, int(step))
+
+    def flush(self):
+        if self.enabled:
+            self._jsonl.flush()
+            self._tb.flush()
+
+    def close(self):
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+class Throughput:
+    """Samples/s and MFU over the steps since the last call (host wall clock)."""
+
+    def __init__(self, *, batch_size: int, flops_per_step: float, peak_flops: float):
+        self.batch_size, self.flops_per_step, self.peak = batch_size, flops_per_step, peak_flops
+        self._t, self._step = None, None
+
+    def __call__(self, step: int) -> dict:
+        now = time.perf_counter()
+        out = {}
+        if self._t is not None and step > self._step:
+            dt = (now - self._t) / (step - self._step)
+            out = {'perf/step_time_s': dt, 'perf/samples_per_s': self.batch_size / dt,
+                          'perf/mfu': self.flops_per_step / dt / self.peak}
+        self._t, self._step = now, step
+        return out
+
+
+def progress_bar(*, start: int, total: int, enabled: bool):
+    return tqdm.tqdm(total=total, initial=start, disable=not enabled, unit='step',
+                                      dynamic_ncols=True, smoothing=0.1)

@@ -1,0 +1,57 @@
+"""Text Transformer: token + learned position embeddings, causal or bidirectional blocks."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from pretrain.models import layers
+
+POOLS = ('eos', 'mean')
+
+
+class TextTransformer(nnx.Module):
+    """Returns `(pooled, aux)` for (B, L) int32 token ids padded with `pad_id` at the end.
+
+    EOS pooling reads the last real token, found as (number of non-pad tokens - 1), so it
+    works for any tokenizer that ends a caption with EOS and pads after it. The context
+    length is a config field: positions are not capped at CLIP's 77.
+    """
+
+    def __init__(self, *, width: int, depth: int, heads: int, vocab_size: int,
+                              context_length: int, mlp_ratio: float = 4.0, causal: bool = True,
+                              pool: str = 'eos', pad_id: int = 0, remat: str = 'none',
+                              dtype=jnp.float32, rngs: nnx.Rngs):
+        if pool not in POOLS:
+            raise ValueError(f"unknown text pool '{pool}'; valid: {', '.join(POOLS)}")
+        self.causal, self.pool, self.pad_id, self.dtype = causal, pool, pad_id, dtype
+        self.context_length = context_length
+        self.tok = layers.param(rngs, nnx.initializers.normal(0.02), (vocab_size, width),
+                                                        ('vocab', 'embed'))
+        self.pos = layers.param(rngs, nnx.initializers.normal(0.01), (context_length, width),
+                                                        (None, 'embed'))
+        self.encoder = layers.Encoder(width, depth, heads, mlp_ratio, rngs=rngs, dtype=dtype,
+                                                                    remat=remat)
+        self.ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype)
+
+    def __call__(self, tokens_bl, *, train: bool = False):
+        del train
+        b, l = tokens_bl.shape
+        if l > self.context_length:
+            raise ValueError(f'{l} tokens exceed the context length {self.context_length}')
+        valid_bl = tokens_bl != self.pad_id
+        x = self.tok[...].astype(self.dtype)[tokens_bl] + self.pos[...][:l].astype(self.dtype)
+        if self.causal:
+            # Causal attention never looks right, so padding after EOS cannot leak in.
+            x = self.encoder(x, is_causal=True)
+        else:
+            mask = (valid_bl[:, None, :, None] & valid_bl[:, None, None, :])
+            x = self.encoder(x, mask=mask | jnp.eye(l, dtype=bool))  # eye: pad rows stay finite
+        x = self.ln(x)
+        if self.pool == 'eos':
+            last = jnp.maximum(valid_bl.sum(-1) - 1, 0)
+            pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+        else:
+            w = valid_bl[..., None].astype(x.dtype)
+            pooled = (x * w).sum(1) / jnp.maximum(w.sum(1), 1)
+        return pooled, {'tokens': x, 'valid': valid_bl}

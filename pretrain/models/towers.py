@@ -1,0 +1,65 @@
+"""ImageTextModel: the two towers, their projections into the joint space, temperature."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from pretrain.models import layers
+from pretrain.models.text import TextTransformer
+from pretrain.models.vit import VisionTransformer
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def l2_normalize(x, eps=1e-6):
+    x = x.astype(jnp.float32)
+    return x / jnp.sqrt(jnp.maximum(jnp.square(x).sum(-1, keepdims=True), eps * eps))
+
+
+class ImageTextModel(nnx.Module):
+    """Image and text towers with linear projections to `embed_dim`.
+
+    `logit_scale` is stored as a log (CLIP: log 1/0.07; SigLIP: log 10) and `logit_bias`
+    is SigLIP's b (init -10); objectives that do not use one leave its gradient at zero.
+    Encoders return `(z, aux)`, z L2-normalised float32, aux with slash keys
+    ('img/tokens', 'img/pooled', ...) for evaluators and dense heads to pick from.
+    """
+
+    def __init__(self, config: ConfigDict, *, rngs: nnx.Rngs):
+        dtype = DTYPES[config.dtype]
+        img, txt = config.image, config.text
+        self.image = VisionTransformer(
+                width=img.width, depth=img.depth, heads=img.heads, patch=img.patch,
+                image_size=img.image_size, mlp_ratio=img.mlp_ratio, pool=img.pool,
+                remat=config.remat, dtype=dtype, rngs=rngs)
+        self.text = TextTransformer(
+                width=txt.width, depth=txt.depth, heads=txt.heads, vocab_size=txt.vocab_size,
+                context_length=txt.context_length, mlp_ratio=txt.mlp_ratio, causal=txt.causal,
+                pool=txt.pool, pad_id=txt.pad_id, remat=config.remat, dtype=dtype, rngs=rngs)
+        self.image_proj = layers.Dense(img.width, config.embed_dim, axes=('embed', None),
+                                                                      use_bias=False, rngs=rngs, dtype=dtype)
+        self.text_proj = layers.Dense(txt.width, config.embed_dim, axes=('embed', None),
+                                                                    use_bias=False, rngs=rngs, dtype=dtype)
+        self.logit_scale = nnx.Param(jnp.asarray(math.log(config.logit_scale_init), jnp.float32))
+        self.logit_bias = nnx.Param(jnp.asarray(config.logit_bias_init, jnp.float32))
+
+    def encode_image(self, image, *, train: bool = False):
+        pooled, aux = self.image(image, train=train)
+        emb = self.image_proj(pooled)
+        return l2_normalize(emb), {'img/pooled': pooled, 'img/tokens': aux['tokens'],
+                                                              'img/grid': aux['grid'], 'img/emb': emb}
+
+    def encode_text(self, tokens, *, train: bool = False):
+        pooled, aux = self.text(tokens, train=train)
+        emb = self.text_proj(pooled)
+        return l2_normalize(emb), {'txt/pooled': pooled, 'txt/tokens': aux['tokens'],
+                                                              'txt/valid': aux['valid'], 'txt/emb': emb}
+
+    def __call__(self, image, tokens, *, train: bool = False):
+        zimg, img_aux = self.encode_image(image, train=train)
+        ztxt, txt_aux = self.encode_text(tokens, train=train)
+        return (zimg, ztxt), {**img_aux, **txt_aux}

@@ -1,0 +1,191 @@
+"""The training loop: init or restore, step, log, checkpoint, stop cleanly.
+
+Nothing here knows which objective runs: the config names them, `compose` builds them, and
+the loop only sees `train_step(state, batch) -> (state, metrics)`. Periodic work is a list
+of hooks with an `every`, so the loop body stays short.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from input_pipeline import pipeline
+from pretrain import checkpoint, flops, metrics as metrics_lib, optim, sharding, step as step_lib
+from pretrain.models.towers import ImageTextModel
+from pretrain.objectives import compose
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient norm became NaN/Inf; no checkpoint was written after it."""
+
+
+@dataclasses.dataclass
+class Hook:
+    """Runs `fn(step)` every `every` steps (and at the last step when `at_end`)."""
+    name: str
+    every: int
+    fn: Callable[[int], None]
+    at_end: bool = True
+
+    def due(self, step: int, last: int) -> bool:
+        return (self.every > 0 and step % self.every == 0) or (self.at_end and step == last)
+
+
+def create_model_and_optimizer(config):
+    model = ImageTextModel(config.model, rngs=nnx.Rngs(config.seed))
+    tx = optim.make_optimizer(config.optim, nnx.state(model, nnx.Param), config.total_steps)
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def init_train_state(config, mesh):
+    """(graphdef, state, shardings): the state created directly in its sharded layout.
+
+    Creation is traced once abstractly to read the logical axes, then jitted with those
+    out_shardings, so no host ever holds the full parameters. The same seed gives the same
+    parameters whatever the mesh.
+    """
+    def create():
+        with nnx.use_eager_sharding(False):
+            return nnx.state(create_model_and_optimizer(config))
+
+    with nnx.use_eager_sharding(False):
+        graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: create_model_and_optimizer(config)))
+    shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.rules)
+    state = jax.jit(create, out_shardings=shardings)()
+    return graphdef, state, shardings
+
+
+def _finite(host_metrics: dict) -> bool:
+    return all(math.isfinite(float(host_metrics[k])) for k in ('loss', 'grad_norm'))
+
+
+def run(config, workdir: str) -> dict:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns a summary."""
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    config_json = json.loads(config.to_json_best_effort())
+    if is_main:
+        with open(os.path.join(workdir, 'config.json'), 'w') as f:
+            json.dump(config_json, f, indent=2)
+
+    mesh = sharding.make_mesh(config.mesh)
+    objective = compose.build_objective(config.objectives)
+    loader = pipeline.train_loader(config, fields=objective.fields,
+                                                                  process_index=jax.process_index(),
+                                                                  process_count=jax.process_count())
+    writer = metrics_lib.MetricWriter(workdir)
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+    stop = checkpoint.StopSignal()
+    total = config.total_steps
+
+    with jax.set_mesh(mesh):
+        graphdef, state, shardings = init_train_state(config, mesh)
+        start = ckpt.latest_step() or 0
+        if start:
+            state, data_state = ckpt.restore(start, checkpoint.abstract_like(state, shardings))
+            loader.set_state(data_state)
+            log.info('resumed from step %d (%s)', start, ckpt.directory)
+        last_good = start or None
+
+        train_step = jax.jit(
+                step_lib.make_train_step(graphdef, objective,
+                                                                  lr_schedule=optim.schedule(config.optim, total),
+                                                                  seed=config.seed, grad_accum=config.grad_accum),
+                in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                # Pinning the output shardings keeps step 2 from recompiling (DESIGN.md).
+                out_shardings=(shardings, sharding.replicated(mesh)),
+                donate_argnums=0)
+
+        peak, peak_source = flops.peak_flops_per_device()
+        throughput = metrics_lib.Throughput(
+                batch_size=config.batch_size, flops_per_step=flops.train_step_flops(config),
+                peak_flops=peak * jax.device_count())
+        bar = metrics_lib.progress_bar(start=start, total=total,
+                                                                      enabled=is_main and config.progress)
+        last_metrics: dict = {}
+
+        def log_metrics(step):
+            row = {f'train/{k}': v for k, v in last_metrics.items()}
+            row.update(throughput(step))
+            row['data/skipped'] = loader.skipped
+            writer.write(step, row)
+            bar.set_postfix(loss=f"{row['train/loss']:.4f}", refresh=False)
+
+        def save(step):
+            nonlocal last_good
+            ckpt.save(step, state, loader.get_state(), config_json, force=True)
+            last_good = step
+
+        hooks = [Hook('log', config.log_every, log_metrics),
+                          Hook('checkpoint', config.checkpoint.every, save)]
+        profile_dir = os.path.join(workdir, 'profile')
+        p0, pn = config.profile.start_step, config.profile.num_steps
+
+        data_iter = iter(loader)
+        pending = None  # device metrics of the previous step, checked one step late
+        t_start, status, step = time.perf_counter(), 'completed', start
+        throughput(start)
+        for step in range(start + 1, total + 1):
+            if step == p0 and is_main:
+                jax.profiler.start_trace(profile_dir)
+            batch = sharding.global_batch(next(data_iter), mesh)
+            state, device_metrics = train_step(state, batch)
+            if step == p0 + pn and is_main:
+                jax.profiler.stop_trace()
+            # Reading the previous step's metrics overlaps it with this step's compute: the host
+            # never waits for the step it just dispatched, yet a NaN is caught one step late at
+            # most, and always before a checkpoint of it is written (hooks below read `step`).
+            if pending is not None:
+                _check(*pending, last_good, ckpt)
+            pending = (step, device_metrics)
+            bar.update(1)
+            due = [h for h in hooks if h.due(step, total)]
+            if due or stop.received:
+                _check(*pending, last_good, ckpt)
+                last_metrics = jax.device_get(device_metrics)
+                pending = None
+                for hook in due:
+                    hook.fn(step)
+            if stop.received:
+                if not any(h.name == 'checkpoint' for h in due):
+                    save(step)
+                status = f'stopped by signal {stop.received}'
+                break
+        if pending is not None:
+            _check(*pending, last_good, ckpt)
+        bar.close()
+
+    ckpt.close()
+    writer.close()
+    stop.restore()
+    final = {k: float(v) for k, v in last_metrics.items() if np.ndim(v) == 0}
+    summary = {'status': status, 'step': step, 'steps_run': step - start,
+                          'wall_s': time.perf_counter() - t_start, 'loss': final.get('loss'),
+                          'checkpoint': ckpt.directory, 'mfu_peak': peak_source}
+    if is_main:
+        print(f"{status}: step {step}/{total}, {summary['steps_run']} steps in "
+                    f"{summary['wall_s']:.0f}s, loss {summary['loss']:.4f}, "
+                    f"checkpoints in {ckpt.directory}", flush=True)
+    return summary
+
+
+def _check(step, device_metrics, last_good, ckpt):
+    host = jax.device_get({k: device_metrics[k] for k in ('loss', 'grad_norm')})
+    if not _finite(host):
+        ckpt.wait()  # let the last good save finish committing before we stop
+        raise NonFiniteLoss(
+                f"non-finite loss at step {step} (loss={float(host['loss'])}, "
+                f"grad_norm={float(host['grad_norm'])}); last good checkpoint: "
+                + (f'step {last_good} in {ckpt.directory}' if last_good else 'none written'))
