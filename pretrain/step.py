@@ -62,6 +62,6 @@ def make_train_step(graphdef, objective, *, lr_schedule, seed: int, grad_accum: 
         optimizer.update(model, grads)
         metrics = {**metrics, 'loss': loss, 'grad_norm': optax.global_norm(grads),
                               'lr': lr_schedule(step)}
-        return nnx.state((model, optimizer)), metrics
+        return nnx.split((model, optimizer))[1], metrics
 
     return train_step

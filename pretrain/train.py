@@ -19,7 +19,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from input_pipeline import pipeline
 from pretrain import checkpoint, flops, metrics as metrics_lib, optim, sharding, step as step_lib
 from pretrain.models.towers import ImageTextModel
 from pretrain.objectives import compose
@@ -45,7 +44,8 @@ class Hook:
 
 def create_model_and_optimizer(config):
     model = ImageTextModel(config.model, rngs=nnx.Rngs(config.seed))
-    tx = optim.make_optimizer(config.optim, nnx.state(model, nnx.Param), config.total_steps)
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    tx = optim.make_optimizer(config.optim, params, config.total_steps)
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
@@ -58,9 +58,9 @@ def init_train_state(config, mesh):
     """
     def create():
         with nnx.use_eager_sharding(False):
-            return nnx.state(create_model_and_optimizer(config))
+            return nnx.split(create_model_and_optimizer(config))[1]
 
-    with nnx.use_eager_sharding(False):
+    with nnx.use_eager_sharding(False), nnx.logical_axis_rules(config.mesh.rules):
         graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: create_model_and_optimizer(config)))
     shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.rules)
     state = jax.jit(create, out_shardings=shardings)()
