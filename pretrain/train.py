@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from input_pipeline import pipeline
 from pretrain import checkpoint, flops, metrics as metrics_lib, optim, sharding, step as step_lib
 from pretrain.models.towers import ImageTextModel
 from pretrain.objectives import compose
@@ -132,17 +133,18 @@ def run(config, workdir: str) -> dict:
                           Hook('checkpoint', config.checkpoint.every, save)]
         profile_dir = os.path.join(workdir, 'profile')
         p0, pn = config.profile.start_step, config.profile.num_steps
+        profiling = is_main and p0 > 0
 
         data_iter = iter(loader)
         pending = None  # device metrics of the previous step, checked one step late
         t_start, status, step = time.perf_counter(), 'completed', start
         throughput(start)
         for step in range(start + 1, total + 1):
-            if step == p0 and is_main:
+            if profiling and step == p0:
                 jax.profiler.start_trace(profile_dir)
             batch = sharding.global_batch(next(data_iter), mesh)
             state, device_metrics = train_step(state, batch)
-            if step == p0 + pn and is_main:
+            if profiling and step == p0 + pn:
                 jax.profiler.stop_trace()
             # Reading the previous step's metrics overlaps it with this step's compute: the host
             # never waits for the step it just dispatched, yet a NaN is caught one step late at

@@ -1,0 +1,266 @@
+"""The resumable, elastic data loader the trainer iterates.
+
+    loader = make_loader(source, transforms, global_batch_size=256, seed=0,
+                         process_index=jax.process_index(),
+                         process_count=jax.process_count())
+    for batch in loader: ...            # this process's rows, dict of numpy
+    state = loader.get_state()          # JSON-able; checkpoint it with the model
+    loader.set_state(state)             # continue exactly there
+
+Order. The example order is a fixed function of (seed, epoch): global position
+g lies in epoch e = g // N (N = len(source)) and reads source index
+perm_e(g mod N), where perm_e is grain's random-access index shuffle seeded per
+epoch (`grain.MapDataset.range(N).shuffle(...)`), so each epoch is a new
+permutation and positions run on across epochs without a boundary. Global batch
+n covers positions [n*B, (n+1)*B); process p of P reads rows
+[p*B/P, (p+1)*B/P) of it.
+
+Elastic resume. Because of that, the whole iterator state is the index of the
+next global batch (plus what defines the order, checked on restore). Any
+process count can continue from it: nothing is repeated or skipped when 2
+hosts' checkpoint is restored on 1 or 4. The state counts batches *yielded*;
+batches that were prefetched but not consumed are rebuilt after a restore.
+
+Prefetch. Batches are built (read + transforms + collate) on a grain thread
+pool, `prefetch` batches ahead, so the next batch is ready while the step runs.
+A batch is one pool task. Threads overlap the data work with the XLA step
+(which releases the GIL); for more CPU-heavy decoding than the shapes renderer
+a process pool would be the next step.
+
+Bad records. A record whose source read or transforms raise (undecodable
+image, empty caption) is replaced by the next source index (deterministic, so
+resume stays exact), logged with its index, and counted in `loader.skipped`
+(the `data/skipped` metric; `loader.seen` counts every record read). Once
+skipped exceeds `max_bad_fraction` of the records seen, the loader raises
+RuntimeError: a broken dataset or transform must stop the run, not silently
+train on replacements. The fraction is taken over at least
+`bad_fraction_min_records` records, so one bad record early in a run is not
+judged as "100% bad". Counters are per process and start at zero in each run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from input_pipeline import transforms as transforms_lib
+
+log = logging.getLogger(__name__)
+
+# The stream is endless (epochs roll over); grain needs a length.
+_HORIZON_BATCHES = 2**62
+# A slot whose record and this many following ones are all bad is not a few
+# bad records but a broken source or transform: stop at once.
+_MAX_CONSECUTIVE_BAD = 100
+
+
+def batch_collate(records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Stacks equal-keyed record dicts into a dict of arrays with a batch axis."""
+    if not records:
+        raise ValueError("cannot collate an empty list of records")
+    keys = records[0].keys()
+    for r in records:
+        if r.keys() != keys:
+            raise ValueError(f"records disagree on keys: {sorted(keys)} vs {sorted(r.keys())}")
+    return {k: np.stack([np.asarray(r[k]) for r in records]) for k in keys}
+
+
+@dataclasses.dataclass
+class _Batch:
+    arrays: dict[str, np.ndarray]
+    bad: list[tuple[int, str]]  # (source index, error) of the replaced records
+    seen: int  # records read, good and bad
+
+
+def _shuffle_seed(seed: int) -> int:
+    # grain seeds epoch e with (seed + e), so loader seeds 0 and 1 would share
+    # all but one epoch's permutation; hashing the seed keeps runs independent.
+    return int(np.random.SeedSequence(seed).generate_state(1)[0])
+
+
+class Loader:
+    """Iterator over this process's slices of the global batches. See module doc."""
+
+    def __init__(
+        self,
+        source,
+        transforms: Sequence[transforms_lib.Transform],
+        *,
+        global_batch_size: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        shuffle: bool = True,
+        num_threads: int = 2,
+        prefetch: int = 2,
+        max_bad_fraction: float = 0.01,
+        bad_fraction_min_records: int = 1000,
+    ):
+        if global_batch_size % process_count:
+            raise ValueError(
+                f"global_batch_size {global_batch_size} is not divisible by "
+                f"process_count {process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if len(source) == 0:
+            raise ValueError(f"empty source: {source!r}")
+        self.source = source
+        self.transforms = tuple(transforms)
+        self.global_batch_size = int(global_batch_size)
+        self.local_batch_size = self.global_batch_size // process_count
+        self.seed = int(seed)
+        self.process_index = int(process_index)
+        self.process_count = int(process_count)
+        self.shuffle = bool(shuffle)
+        self.num_threads = int(num_threads)
+        self.prefetch = int(prefetch)
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.bad_fraction_min_records = int(bad_fraction_min_records)
+        self.num_records = len(source)
+        order = grain.MapDataset.range(self.num_records)
+        self._order = order.shuffle(seed=_shuffle_seed(self.seed)) if self.shuffle else order
+        self.skipped = 0
+        self.seen = 0
+        self._next_batch = 0
+        self._iterator = None
+
+    # -- the order -----------------------------------------------------------
+
+    def positions(self, batch: int) -> range:
+        """Global positions of this process's rows of global batch `batch`."""
+        start = batch * self.global_batch_size + self.process_index * self.local_batch_size
+        return range(start, start + self.local_batch_size)
+
+    def source_index(self, position: int) -> int:
+        """Source index read at a global position (epoch = position // N)."""
+        # The shuffled range returns perm_e(g mod N) + e * N.
+        return int(self._order[position]) % self.num_records
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next batch's first example."""
+        return self._next_batch * self.global_batch_size // self.num_records
+
+    # -- building batches (runs on the prefetch threads) ---------------------
+
+    def _read(self, index: int) -> tuple[dict[str, Any], list[tuple[int, str]]]:
+        """The transformed record at `index`, or at the next good index."""
+        bad = []
+        for _ in range(_MAX_CONSECUTIVE_BAD + 1):
+            try:
+                return transforms_lib.apply(self.transforms, self.source[index]), bad
+            except Exception as e:  # any failure of one record is a bad record
+                bad.append((index, f"{type(e).__name__}: {e}"))
+                last_error = e
+                index = (index + 1) % self.num_records
+        raise RuntimeError(
+            f"{len(bad)} consecutive bad records from index {bad[0][0]}; last error: "
+            f"{bad[-1][1]}. The source or a transform is broken.") from last_error
+
+    def _build_batch(self, batch: int) -> _Batch:
+        records, bad = [], []
+        for position in self.positions(batch):
+            record, record_bad = self._read(self.source_index(position))
+            records.append(record)
+            bad.extend(record_bad)
+        return _Batch(batch_collate(records), bad, len(records) + len(bad))
+
+    def _start(self, first_batch: int) -> Iterator[_Batch]:
+        batches = grain.MapDataset.range(first_batch, first_batch + _HORIZON_BATCHES)
+        batches = batches.map(self._build_batch)
+        options = grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=self.prefetch)
+        return iter(batches.to_iter_dataset(options))
+
+    # -- iteration (runs on the trainer's thread) ----------------------------
+
+    def __iter__(self) -> Loader:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = self._start(self._next_batch)
+        batch = next(self._iterator)
+        self._count_bad(batch)
+        self._next_batch += 1
+        return batch.arrays
+
+    def _count_bad(self, batch: _Batch) -> None:
+        # Counted here, when the batch is consumed, not when it is prefetched,
+        # so the counters match the batches the trainer actually saw.
+        for index, error in batch.bad:
+            log.warning("bad record at source index %d skipped (%s)", index, error)
+        self.skipped += len(batch.bad)
+        self.seen += batch.seen
+        allowed = self.max_bad_fraction * max(self.seen, self.bad_fraction_min_records)
+        if self.skipped > allowed:
+            last = f" (last: source index {batch.bad[-1][0]}, {batch.bad[-1][1]})" if batch.bad else ""
+            raise RuntimeError(
+                f"{self.skipped} bad records of {self.seen} read exceed max_bad_fraction="
+                f"{self.max_bad_fraction}{last}")
+
+    # -- state ----------------------------------------------------------------
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable position of the stream; process-count independent."""
+        return {
+            "next_batch": self._next_batch,
+            "global_batch_size": self.global_batch_size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "num_records": self.num_records,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continues at `state["next_batch"]`; the order it was taken in must match."""
+        mine = self.get_state()
+        mismatched = {
+            k: (state.get(k), mine[k]) for k in mine if k != "next_batch" and state.get(k) != mine[k]}
+        if mismatched:
+            raise ValueError(
+                "loader state was saved with a different example order; (saved, now): "
+                f"{mismatched}. Changing these would repeat or skip examples.")
+        self.close()
+        self._next_batch = int(state["next_batch"])
+
+    def close(self) -> None:
+        """Stops the prefetch threads; iterating again restarts them."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_loader(
+    source,
+    transforms: Sequence[transforms_lib.Transform],
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    shuffle: bool = True,
+    num_threads: int = 2,
+    prefetch: int = 2,
+    max_bad_fraction: float = 0.01,
+    bad_fraction_min_records: int = 1000,
+) -> Loader:
+    """A `Loader` over `source` (len + getitem) with `transforms` per record.
+
+    Yields dicts of numpy arrays with `global_batch_size // process_count` rows:
+    this process's slice of each global batch.
+    """
+    return Loader(
+        source, transforms, global_batch_size=global_batch_size, seed=seed,
+        process_index=process_index, process_count=process_count, shuffle=shuffle,
+        num_threads=num_threads, prefetch=prefetch, max_bad_fraction=max_bad_fraction,
+        bad_fraction_min_records=bad_fraction_min_records)
