@@ -169,6 +169,7 @@ def run(config, workdir: str) -> dict:
             _check(*pending, last_good, ckpt)
         bar.close()
 
+    loader.close()
     ckpt.close()
     writer.close()
     stop.restore()
