@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pretrain import optim, sharding
+
 
 def microbatches(batch: dict, n: int) -> dict:
     """(B, ...) -> (n, B/n, ...), micro-batch i holding rows i, i+n, i+2n, ...
@@ -65,3 +67,19 @@ def make_train_step(graphdef, objective, *, lr_schedule, seed: int, grad_accum: 
         return nnx.split((model, optimizer))[1], metrics
 
     return train_step
+
+
+def jit_train_step(config, graphdef, objective, shardings, mesh):
+    """The train step of `config`, jitted with the state and batch shardings of `mesh`.
+
+    The output state is pinned to its input shardings: under an Auto mesh GSPMD may hand
+    replicated leaves back with another sharding and step 2 would recompile (DESIGN.md).
+    The state is donated, so params and optimizer moments are updated in place.
+    """
+    step_fn = make_train_step(graphdef, objective,
+                              lr_schedule=optim.schedule(config.optim, config.total_steps),
+                              seed=config.seed, grad_accum=config.grad_accum)
+    return jax.jit(step_fn,
+                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(shardings, sharding.replicated(mesh)),
+                   donate_argnums=0)

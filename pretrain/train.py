@@ -16,7 +16,6 @@ import time
 from typing import Callable
 
 import jax
-import numpy as np
 from flax import nnx
 
 from input_pipeline import pipeline
@@ -50,22 +49,27 @@ def create_model_and_optimizer(config):
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
+def abstract_train_state(config, mesh):
+    """(graphdef, abstract state, shardings) of `config`'s model and optimizer on `mesh`.
+
+    Traced with eval_shape, so nothing is allocated: restoring a checkpoint needs only this.
+    """
+    with nnx.use_eager_sharding(False), nnx.logical_axis_rules(config.mesh.rules):
+        model_and_opt = nnx.eval_shape(lambda: create_model_and_optimizer(config))
+    graphdef, abstract_state = nnx.split(model_and_opt)
+    shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.rules)
+    return graphdef, checkpoint.abstract_like(abstract_state, shardings), shardings
+
+
 def init_train_state(config, mesh):
     """(graphdef, state, shardings): the state created directly in its sharded layout.
 
-    Creation is traced once abstractly to read the logical axes, then jitted with those
-    out_shardings, so no host ever holds the full parameters. The same seed gives the same
-    parameters whatever the mesh.
+    Creation is jitted with the shardings read from the logical axes, so no host ever holds
+    the full parameters. The same seed gives the same parameters whatever the mesh.
     """
-    def create():
-        with nnx.use_eager_sharding(False):
-            return nnx.split(create_model_and_optimizer(config))[1]
-
-    with nnx.use_eager_sharding(False), nnx.logical_axis_rules(config.mesh.rules):
-        graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: create_model_and_optimizer(config)))
-    shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.rules)
-    state = jax.jit(create, out_shardings=shardings)()
-    return graphdef, state, shardings
+    graphdef, _, shardings = abstract_train_state(config, mesh)
+    create = lambda: nnx.split(create_model_and_optimizer(config))[1]
+    return graphdef, jax.jit(create, out_shardings=shardings)(), shardings
 
 
 def _finite(host_metrics: dict) -> bool:
@@ -84,37 +88,31 @@ def run(config, workdir: str) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     objective = compose.build_objective(config.objectives)
     loader = pipeline.train_loader(config, fields=objective.fields,
-                                                                  process_index=jax.process_index(),
-                                                                  process_count=jax.process_count())
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
     writer = metrics_lib.MetricWriter(workdir)
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     stop = checkpoint.StopSignal()
     total = config.total_steps
 
     with jax.set_mesh(mesh):
-        graphdef, state, shardings = init_train_state(config, mesh)
         start = ckpt.latest_step() or 0
         if start:
-            state, data_state = ckpt.restore(start, checkpoint.abstract_like(state, shardings))
+            graphdef, abstract_state, shardings = abstract_train_state(config, mesh)
+            state, data_state = ckpt.restore(start, abstract_state)
             loader.set_state(data_state)
             log.info('resumed from step %d (%s)', start, ckpt.directory)
+        else:
+            graphdef, state, shardings = init_train_state(config, mesh)
         last_good = start or None
-
-        train_step = jax.jit(
-                step_lib.make_train_step(graphdef, objective,
-                                                                  lr_schedule=optim.schedule(config.optim, total),
-                                                                  seed=config.seed, grad_accum=config.grad_accum),
-                in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                # Pinning the output shardings keeps step 2 from recompiling (DESIGN.md).
-                out_shardings=(shardings, sharding.replicated(mesh)),
-                donate_argnums=0)
+        train_step = step_lib.jit_train_step(config, graphdef, objective, shardings, mesh)
 
         peak, peak_source = flops.peak_flops_per_device()
         throughput = metrics_lib.Throughput(
-                batch_size=config.batch_size, flops_per_step=flops.train_step_flops(config),
-                peak_flops=peak * jax.device_count())
+            batch_size=config.batch_size, flops_per_step=flops.train_step_flops(config),
+            peak_flops=peak * jax.device_count())
         bar = metrics_lib.progress_bar(start=start, total=total,
-                                                                      enabled=is_main and config.progress)
+                                       enabled=is_main and config.progress)
         last_metrics: dict = {}
 
         def log_metrics(step):
@@ -130,25 +128,26 @@ def run(config, workdir: str) -> dict:
             last_good = step
 
         hooks = [Hook('log', config.log_every, log_metrics),
-                          Hook('checkpoint', config.checkpoint.every, save)]
-        profile_dir = os.path.join(workdir, 'profile')
+                 Hook('checkpoint', config.checkpoint.every, save)]
         p0, pn = config.profile.start_step, config.profile.num_steps
         profiling = is_main and p0 > 0
 
         data_iter = iter(loader)
         pending = None  # device metrics of the previous step, checked one step late
         t_start, status, step = time.perf_counter(), 'completed', start
-        throughput(start)
         for step in range(start + 1, total + 1):
             if profiling and step == p0:
-                jax.profiler.start_trace(profile_dir)
+                jax.profiler.start_trace(os.path.join(workdir, 'profile'))
             batch = sharding.global_batch(next(data_iter), mesh)
             state, device_metrics = train_step(state, batch)
             if profiling and step == p0 + pn:
                 jax.profiler.stop_trace()
-            # Reading the previous step's metrics overlaps it with this step's compute: the host
-            # never waits for the step it just dispatched, yet a NaN is caught one step late at
-            # most, and always before a checkpoint of it is written (hooks below read `step`).
+            if step == start + 1:  # throughput excludes compilation
+                jax.block_until_ready(device_metrics)
+                throughput(step)
+            # Reading the previous step's metrics overlaps it with this step's compute: the
+            # host never waits for the step it just dispatched, yet a NaN is caught one step
+            # late at most, and always before a checkpoint of it is written.
             if pending is not None:
                 _check(*pending, last_good, ckpt)
             pending = (step, device_metrics)
@@ -173,14 +172,14 @@ def run(config, workdir: str) -> dict:
     ckpt.close()
     writer.close()
     stop.restore()
-    final = {k: float(v) for k, v in last_metrics.items() if np.ndim(v) == 0}
     summary = {'status': status, 'step': step, 'steps_run': step - start,
-                          'wall_s': time.perf_counter() - t_start, 'loss': final.get('loss'),
-                          'checkpoint': ckpt.directory, 'mfu_peak': peak_source}
+               'wall_s': time.perf_counter() - t_start,
+               'loss': float(last_metrics['loss']) if last_metrics else float('nan'),
+               'checkpoint': ckpt.directory, 'mfu_peak': peak_source}
     if is_main:
         print(f"{status}: step {step}/{total}, {summary['steps_run']} steps in "
-                    f"{summary['wall_s']:.0f}s, loss {summary['loss']:.4f}, "
-                    f"checkpoints in {ckpt.directory}", flush=True)
+              f"{summary['wall_s']:.0f}s, loss {summary['loss']:.4f}, "
+              f"checkpoints in {ckpt.directory}", flush=True)
     return summary
 
 
@@ -189,6 +188,6 @@ def _check(step, device_metrics, last_good, ckpt):
     if not _finite(host):
         ckpt.wait()  # let the last good save finish committing before we stop
         raise NonFiniteLoss(
-                f"non-finite loss at step {step} (loss={float(host['loss'])}, "
-                f"grad_norm={float(host['grad_norm'])}); last good checkpoint: "
-                + (f'step {last_good} in {ckpt.directory}' if last_good else 'none written'))
+            f"non-finite loss at step {step} (loss={float(host['loss'])}, "
+            f"grad_norm={float(host['grad_norm'])}); last good checkpoint: "
+            + (f'step {last_good} in {ckpt.directory}' if last_good else 'none written'))
