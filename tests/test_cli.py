@@ -28,13 +28,15 @@ def test_training_writes_metrics_tensorboard_config_and_checkpoints(python, tmp_
   wd = str(tmp_path / 'run')
   proc = python(MAIN + ['--config', 'configs/clip.py', '--workdir', wd, *TINY,
                         '--config.total_steps=40', '--config.log_every=5',
-                        '--config.checkpoint.every=20'])
+                        '--config.checkpoint.every=10', '--config.checkpoint.keep=2',
+                        '--config.checkpoint.keep_every=20'])
   rows = read_metrics(wd)
   assert [r['step'] for r in rows] == [5, 10, 15, 20, 25, 30, 35, 40]
   for key in ('train/loss', 'train/loss_clip', 'train/lr', 'train/grad_norm',
               'perf/samples_per_s', 'perf/mfu', 'data/skipped'):
     assert key in rows[-1], key
-  assert sorted(os.listdir(os.path.join(wd, 'checkpoints'))) == ['20', '40']
+  # Saved at 10, 20, 30, 40: the last two are kept, plus every 20th step.
+  assert sorted(os.listdir(os.path.join(wd, 'checkpoints')), key=int) == ['20', '30', '40']
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(wd, 'tb')))
   with open(os.path.join(wd, 'config.json')) as f:
     assert json.load(f)['total_steps'] == 40
