@@ -22,6 +22,9 @@ BATCH_AXES = ('data', 'fsdp')
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
     """Axis sizes from the config; one axis may be -1, meaning all remaining devices."""
     sizes = [int(mesh_config[a]) for a in AXES]
+    if any(s != -1 and s < 1 for s in sizes):
+        raise ValueError(f'mesh: each axis size must be -1 or a positive integer, got '
+                         f'{dict(zip(AXES, sizes))}')
     if sizes.count(-1) > 1:
         raise ValueError(f'mesh: at most one axis may be -1, got {dict(zip(AXES, sizes))}')
     known = math.prod(s for s in sizes if s != -1)
