@@ -73,9 +73,29 @@ def optim_config(*, lr: float, warmup_steps: int, weight_decay: float = 0.1,
 
 
 def shapes_input(*, image_size: int, context_length: int, caption_field: str = 'caption',
-                                  ) -> ConfigDict:
+                 caption_probs: dict | None = None, subcaption_field: str = 'long_caption',
+                 num_subcaptions: int = 6, subcaption_context_length: int = 128,
+                 subcaption_fill: str = 'replace') -> ConfigDict:
+    """The `input` section for the shapes source (input_pipeline/pipeline.py reads it).
+
+    caption_field: the record field tokenized into `text` (B, context_length).
+    caption_probs: {field: probability} to draw the `text` caption per example per epoch
+        (quality captions, e.g. {'alt_text': 0.2, 'caption': 0.8}); empty: caption_field.
+        Overrides can change a listed field's probability, not add a field: list them all.
+    subcaption_*: DreamLIP's `texts` (B, num_subcaptions, subcaption_context_length) and
+        `texts_valid` (B, num_subcaptions), built only when an objective asks for them:
+        sentences of subcaption_field, K = num_subcaptions per example per epoch, without
+        replacement when there are >= K, else 'replace' (with replacement, all valid) or
+        'pad' (padding rows marked invalid). 128 tokens truncate 0.06% of shapes sentences
+        (longest 132 bytes; 112 would truncate 0.9%, 96 3.5%); the text tower's
+        context_length must be >= it. Shapes long captions have 2-4 sentences
+        (max_objects=3), so K=6 always repeats or pads there.
+    """
     return ConfigDict(dict(
             source='shapes', image_size=image_size, caption_field=caption_field,
+            caption_probs=dict(caption_probs or {}),
+            subcaption_field=subcaption_field, num_subcaptions=num_subcaptions,
+            subcaption_context_length=subcaption_context_length, subcaption_fill=subcaption_fill,
             context_length=context_length, max_objects=3, epoch_size=1_000_000,
             num_threads=2, prefetch=2, max_bad_fraction=0.01,
     ))
@@ -93,4 +113,40 @@ def base_config(*, total_steps: int, batch_size: int) -> ConfigDict:
             checkpoint=ConfigDict(dict(every=100, keep=3, keep_every=0, async_save=True)),
             profile=ConfigDict(dict(start_step=-1, num_steps=5)),  # -1: no trace
             progress=True,
+    ))
+
+
+# Prompts in the words of the shapes captions ("a red circle", "a small red ring").
+SHAPES_TEMPLATES = ('a {}.', 'a photo of a {}.', 'a large {}.', 'a small {}.')
+# Shapes long captions call the rest of the image a background / backdrop / texture.
+SHAPES_BACKGROUND_PROMPTS = ('a textured background.', 'the background.',
+                             'a plain grey background.', 'an empty grey backdrop.')
+
+
+def evals_config(*, image_size: int | None = None, context_length: int | None = None,
+                 num_examples: int = 512, probe_sizes: tuple = (2048, 512, 1024),
+                 dense_examples: int = 256, batch_size: int = 256) -> ConfigDict:
+    """Evaluator name -> section (pretrain/evaluators/build.py), all on held-out shapes.
+
+    image_size / context_length / max_objects left at None follow config.input at build
+    time, so `--config.input.image_size=32` evaluates at 32 too. batch_size is global
+    (sharded over the mesh's batch axes). probe_sizes: (train, val, test) for the probe.
+    """
+    shapes = dict(source='shapes', seed=0, start=0, image_size=image_size,
+                  context_length=context_length, max_objects=None, batch_size=batch_size)
+    num_train, num_val, num_test = probe_sizes
+    return ConfigDict(dict(
+        zeroshot=dict(kind='zeroshot', **shapes, num_examples=num_examples,
+                      tasks=('class', 'shape', 'colour'), templates=SHAPES_TEMPLATES,
+                      top_k=(1, 5), root=''),  # root: an ImageFolder when source='folder'
+        retrieval=dict(kind='retrieval', **shapes, num_examples=num_examples,
+                       caption_fields=('caption',), ks=(1, 5, 10), chunk_size=1024),
+        linear_probe=dict(kind='linear_probe', **shapes, num_train=num_train, num_val=num_val,
+                          num_test=num_test, feature='pooled', label='label',
+                          # relative to the mean feature variance; chosen on val
+                          lambdas=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)),
+        dense_zeroshot=dict(kind='dense_zeroshot', **shapes, num_examples=dense_examples,
+                            readout='value', background='prompt', threshold=0.2,
+                            background_prompts=SHAPES_BACKGROUND_PROMPTS,
+                            templates=SHAPES_TEMPLATES, include_background=True),
     ))

@@ -27,6 +27,12 @@ A batch is one pool task. Threads overlap the data work with the XLA step
 (which releases the GIL); for more CPU-heavy decoding than the shapes renderer
 a process pool would be the next step.
 
+Randomness. Random transforms (transforms.RandomTransform: sub-caption
+sampling, caption choice) get a Generator seeded from (seed, epoch, source
+index) of the record actually read, so they are part of the same fixed function
+of (seed, position): resume and elastic restore redraw exactly the same
+samples, and each epoch draws new ones.
+
 Bad records. A record whose source read or transforms raise (undecodable
 image, empty caption) is replaced by the next source index (deterministic, so
 resume stays exact), logged with its index, and counted in `loader.skipped`
@@ -148,12 +154,15 @@ class Loader:
 
     # -- building batches (runs on the prefetch threads) ---------------------
 
-    def _read(self, index: int) -> tuple[dict[str, Any], list[tuple[int, str]]]:
+    def _read(self, index: int, epoch: int) -> tuple[dict[str, Any], list[tuple[int, str]]]:
         """The transformed record at `index`, or at the next good index."""
         bad = []
         for _ in range(_MAX_CONSECUTIVE_BAD + 1):
             try:
-                return transforms_lib.apply(self.transforms, self.source[index]), bad
+                record = self.source[index]
+                # The key of the index actually read: a replacement draws as that record.
+                rng_key = (self.seed, epoch, index)
+                return transforms_lib.apply(self.transforms, record, rng_key=rng_key), bad
             except Exception as e:  # any failure of one record is a bad record
                 bad.append((index, f"{type(e).__name__}: {e}"))
                 last_error = e
@@ -165,7 +174,8 @@ class Loader:
     def _build_batch(self, batch: int) -> _Batch:
         records, bad = [], []
         for position in self.positions(batch):
-            record, record_bad = self._read(self.source_index(position))
+            record, record_bad = self._read(self.source_index(position),
+                                            position // self.num_records)
             records.append(record)
             bad.extend(record_bad)
         return _Batch(batch_collate(records), bad, len(records) + len(bad))

@@ -20,6 +20,7 @@ from flax import nnx
 
 from input_pipeline import pipeline
 from pretrain import checkpoint, flops, metrics as metrics_lib, optim, sharding, step as step_lib
+from pretrain.evaluators import build_evaluators, run_evaluators
 from pretrain.models.towers import ImageTextModel
 from pretrain.objectives import compose
 
@@ -32,14 +33,19 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclasses.dataclass
 class Hook:
-    """Runs `fn(step)` every `every` steps (and at the last step when `at_end`)."""
+    """Runs `fn(step)` every `every` steps and at the last step when `at_end`; 0 = never.
+
+    `fn` may return a dict of metrics; the loop writes one row per step from all of them.
+    """
     name: str
     every: int
     fn: Callable[[int], None]
     at_end: bool = True
 
     def due(self, step: int, last: int) -> bool:
-        return (self.every > 0 and step % self.every == 0) or (self.at_end and step == last)
+        if self.every <= 0:  # switched off
+            return False
+        return step % self.every == 0 or (self.at_end and step == last)
 
 
 def create_model_and_optimizer(config):
@@ -119,15 +125,24 @@ def run(config, workdir: str) -> dict:
             row = {f'train/{k}': v for k, v in last_metrics.items()}
             row.update(throughput(step))
             row['data/skipped'] = loader.skipped
-            writer.write(step, row)
             bar.set_postfix(loss=f"{row['train/loss']:.4f}", refresh=False)
+            return row
 
         def save(step):
             nonlocal last_good
             ckpt.save(step, state, loader.get_state(), config_json, force=True)
             last_good = step
 
+        evaluators = build_evaluators(config)  # cheap: eval data loads at the first eval
+
+        def evaluate(step):
+            # Every process runs this: the predict functions span the global mesh. It blocks
+            # until the results are on the host, so the next step may donate `state`.
+            model, _ = nnx.merge(graphdef, state)
+            return run_evaluators(evaluators, model)
+
         hooks = [Hook('log', config.log_every, log_metrics),
+                 Hook('eval', config.eval_every if evaluators else 0, evaluate),
                  Hook('checkpoint', config.checkpoint.every, save)]
         p0, pn = config.profile.start_step, config.profile.num_steps
         profiling = is_main and p0 > 0
@@ -157,8 +172,11 @@ def run(config, workdir: str) -> dict:
                 _check(*pending, last_good, ckpt)
                 last_metrics = jax.device_get(device_metrics)
                 pending = None
+                row = {}
                 for hook in due:
-                    hook.fn(step)
+                    row.update(hook.fn(step) or {})
+                if row:  # one metrics row per step, whichever hooks ran
+                    writer.write(step, row)
             if stop.received:
                 if not any(h.name == 'checkpoint' for h in due):
                     save(step)

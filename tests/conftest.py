@@ -34,5 +34,5 @@ TINY = [
     '--config.model.image.heads=2', '--config.model.text.heads=2', '--config.model.embed_dim=16',
     '--config.input.image_size=32', '--config.model.image.image_size=32',
     '--config.input.context_length=32', '--config.model.text.context_length=32',
-    '--config.optim.warmup_steps=2', '--config.progress=false',
+    '--config.optim.warmup_steps=2', '--config.progress=false', '--config.eval_every=0',
 ]

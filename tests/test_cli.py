@@ -29,12 +29,17 @@ def test_training_writes_metrics_tensorboard_config_and_checkpoints(python, tmp_
   proc = python(MAIN + ['--config', 'configs/clip.py', '--workdir', wd, *TINY,
                         '--config.total_steps=40', '--config.log_every=5',
                         '--config.checkpoint.every=10', '--config.checkpoint.keep=2',
-                        '--config.checkpoint.keep_every=20'])
+                        '--config.checkpoint.keep_every=20', '--config.eval_every=40',
+                        '--config.evals.dense_zeroshot.num_examples=16'])
   rows = read_metrics(wd)
   assert [r['step'] for r in rows] == [5, 10, 15, 20, 25, 30, 35, 40]
   for key in ('train/loss', 'train/loss_clip', 'train/lr', 'train/grad_norm',
               'perf/samples_per_s', 'perf/mfu', 'data/skipped'):
     assert key in rows[-1], key
+  # Evaluators share the step's row: zero-shot, retrieval, linear probe and dense.
+  for key in ('eval/zeroshot/top1', 'eval/retrieval/i2t_r1', 'eval/linear_probe/top1',
+              'eval/dense_zeroshot/miou'):
+    assert key in rows[-1] and key not in rows[-2], key
   # Saved at 10, 20, 30, 40: the last two are kept, plus every 20th step.
   assert sorted(os.listdir(os.path.join(wd, 'checkpoints')), key=int) == ['20', '30', '40']
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(wd, 'tb')))

@@ -1,0 +1,89 @@
+"""Image <-> text retrieval, Recall@K in both directions (COCO / Flickr30k protocol).
+
+Several captions per image are allowed: image->text is a hit at K if ANY of the image's
+captions is among the K best texts; text->image scores each caption against its own image.
+Similarities are computed in chunks of `chunk_size` queries, so memory is chunk x N, never
+N x N (5k COCO images x 25k captions would be 0.5 GB in float32).
+
+Shapes default: held-out images, one caption each from `caption_fields` (the accurate
+`caption`; add 'alt_text' for two per image).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from input_pipeline import pipeline
+from pretrain.evaluators import common
+from pretrain.evaluators.zeroshot import encode_images, encode_texts
+
+
+def image_to_text_ranks(img_nd, txt_td, txt_image_t, *, chunk_size: int) -> np.ndarray:
+    """(N,) rank of each image's best-scoring own caption among the other images' captions.
+
+    Ties count against the image (a constant model ranks last, not first).
+    """
+    txt_image_t = np.asarray(txt_image_t)
+    ranks = np.empty(len(img_nd), np.int64)
+    for s in range(0, len(img_nd), chunk_size):
+        sims = img_nd[s:s + chunk_size] @ txt_td.T                      # (c, T)
+        own = txt_image_t[None, :] == np.arange(s, s + len(sims))[:, None]
+        best = np.where(own, sims, -np.inf).max(1)
+        ranks[s:s + len(sims)] = ((sims >= best[:, None]) & ~own).sum(1)
+    return ranks
+
+
+def text_to_image_ranks(img_nd, txt_td, txt_image_t, *, chunk_size: int) -> np.ndarray:
+    """(T,) rank of each caption's own image among all images (ties count against)."""
+    txt_image_t = np.asarray(txt_image_t)
+    ranks = np.empty(len(txt_td), np.int64)
+    for s in range(0, len(txt_td), chunk_size):
+        sims = txt_td[s:s + chunk_size] @ img_nd.T                      # (c, N)
+        own = sims[np.arange(len(sims)), txt_image_t[s:s + len(sims)]]
+        ranks[s:s + len(sims)] = (sims >= own[:, None]).sum(1) - 1
+    return ranks
+
+
+def recall_at_k(img_nd, txt_td, txt_image_t, *, ks=(1, 5, 10), chunk_size: int = 1024) -> dict:
+    """{'i2t_r1': ..., 't2i_r1': ...}: fractions of queries with a right answer in the top K.
+
+    `txt_image_t[j]` is the index of caption j's image; every image needs a caption.
+    """
+    counts = np.bincount(np.asarray(txt_image_t), minlength=len(img_nd))
+    if counts.shape[0] != len(img_nd) or (counts == 0).any():
+        raise ValueError('every image needs at least one caption, and every caption an image')
+    i2t = image_to_text_ranks(img_nd, txt_td, txt_image_t, chunk_size=chunk_size)
+    t2i = text_to_image_ranks(img_nd, txt_td, txt_image_t, chunk_size=chunk_size)
+    out = {f'i2t_r{k}': float((i2t < k).mean()) for k in ks}
+    out.update({f't2i_r{k}': float((t2i < k).mean()) for k in ks})
+    return out
+
+
+class Retrieval:
+    """Yields `<name>/i2t_r{K}` and `<name>/t2i_r{K}` for K in `ks`."""
+
+    def __init__(self, config, *, name: str = 'retrieval'):
+        self.config, self.name = config, name
+        if not config.caption_fields:
+            raise ValueError(f'evals.{name}.caption_fields is empty')
+        self._images = common.Predictor(encode_images, batch_size=config.batch_size)
+        self._texts = common.Predictor(encode_texts, batch_size=config.batch_size)
+        self._data = None
+
+    def _load(self):
+        c = self.config
+        fields = list(c.caption_fields)
+        rec = common.shapes_records(c, start=c.start, num=c.num_examples, fields=['image', *fields])
+        captions = [rec[f][i] for i in range(c.num_examples) for f in fields]  # image-major
+        txt_image = np.repeat(np.arange(c.num_examples), len(fields))
+        return rec['image'], common.trim_padding(pipeline.make_tokenizer(c)(captions)), txt_image
+
+    def run(self, model):
+        if self._data is None:
+            self._data = self._load()
+        images, tokens, txt_image = self._data
+        metrics = recall_at_k(self._images(model, [images]), self._texts(model, [tokens]),
+                              txt_image, ks=tuple(self.config.ks),
+                              chunk_size=self.config.chunk_size)
+        for key, value in metrics.items():
+            yield f'{self.name}/{key}', value
