@@ -16,125 +16,125 @@ MAIN = ['-m', 'pretrain.main']
 
 
 def read_metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
 
 
 def losses(workdir):
-  return {row['step']: row['train/loss'] for row in read_metrics(workdir)}
+    return {row['step']: row['train/loss'] for row in read_metrics(workdir)}
 
 
 def test_training_writes_metrics_tensorboard_config_and_checkpoints(python, tmp_path):
-  wd = str(tmp_path / 'run')
-  proc = python(MAIN + ['--config', 'configs/clip.py', '--workdir', wd, *TINY,
-                        '--config.total_steps=40', '--config.log_every=5',
-                        '--config.checkpoint.every=10', '--config.checkpoint.keep=2',
-                        '--config.checkpoint.keep_every=20', '--config.eval_every=40',
-                        '--config.evals.dense_zeroshot.num_examples=16'])
-  rows = read_metrics(wd)
-  assert [r['step'] for r in rows] == [5, 10, 15, 20, 25, 30, 35, 40]
-  for key in ('train/loss', 'train/loss_clip', 'train/lr', 'train/grad_norm',
-              'perf/samples_per_s', 'perf/mfu', 'data/skipped'):
-    assert key in rows[-1], key
-  # Evaluators share the step's row: zero-shot, retrieval, linear probe and dense.
-  for key in ('eval/zeroshot/top1', 'eval/retrieval/i2t_r1', 'eval/linear_probe/top1',
-              'eval/dense_zeroshot/miou'):
-    assert key in rows[-1] and key not in rows[-2], key
-  # Saved at 10, 20, 30, 40: the last two are kept, plus every 20th step.
-  assert sorted(os.listdir(os.path.join(wd, 'checkpoints')), key=int) == ['20', '30', '40']
-  assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(wd, 'tb')))
-  with open(os.path.join(wd, 'config.json')) as f:
-    assert json.load(f)['total_steps'] == 40
-  assert 'completed: step 40/40' in proc.stdout
+    wd = str(tmp_path / 'run')
+    proc = python(MAIN + ['--config', 'configs/clip.py', '--workdir', wd, *TINY,
+                                                '--config.total_steps=40', '--config.log_every=5',
+                                                '--config.checkpoint.every=10', '--config.checkpoint.keep=2',
+                                                '--config.checkpoint.keep_every=20', '--config.eval_every=40',
+                                                '--config.evals.dense_zeroshot.num_examples=16'])
+    rows = read_metrics(wd)
+    assert [r['step'] for r in rows] == [5, 10, 15, 20, 25, 30, 35, 40]
+    for key in ('train/loss', 'train/loss_clip', 'train/lr', 'train/grad_norm',
+                            'perf/samples_per_s', 'perf/mfu', 'data/skipped'):
+        assert key in rows[-1], key
+    # Evaluators share the step's row: zero-shot, retrieval, linear probe and dense.
+    for key in ('eval/zeroshot/top1', 'eval/retrieval/i2t_r1', 'eval/linear_probe/top1',
+                            'eval/dense_zeroshot/miou'):
+        assert key in rows[-1] and key not in rows[-2], key
+    # Saved at 10, 20, 30, 40: the last two are kept, plus every 20th step.
+    assert sorted(os.listdir(os.path.join(wd, 'checkpoints')), key=int) == ['20', '30', '40']
+    assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(wd, 'tb')))
+    with open(os.path.join(wd, 'config.json')) as f:
+        assert json.load(f)['total_steps'] == 40
+    assert 'completed: step 40/40' in proc.stdout
 
 
 def test_default_recipe_learns(python, tmp_path):
-  """The quick-start model on shapes, shortened to 60 steps: the loss must clearly fall."""
-  wd = str(tmp_path / 'run')
-  python(MAIN + ['--config', 'configs/dreamlip.py', '--workdir', wd, '--config.total_steps=60',
-                 '--config.log_every=10', '--config.progress=false'])
-  rows = read_metrics(wd)
-  # Batch 128: an untrained model sits at the chance loss log(128) = 4.85. After 60 steps
-  # the loss must be at least 0.5 below it (measured: 3.9 at step 60).
-  assert rows[0]['train/loss'] > 4.6, rows[0]
-  assert rows[-1]['train/loss'] < 4.35, [r['train/loss'] for r in rows]
+    """The quick-start model on shapes, shortened to 60 steps: the loss must clearly fall."""
+    wd = str(tmp_path / 'run')
+    python(MAIN + ['--config', 'configs/dreamlip.py', '--workdir', wd, '--config.total_steps=60',
+                                  '--config.log_every=10', '--config.progress=false'])
+    rows = read_metrics(wd)
+    # Batch 128: an untrained model sits at the chance loss log(128) = 4.85. After 60 steps
+    # the loss must be at least 0.5 below it (measured: 3.9 at step 60).
+    assert rows[0]['train/loss'] > 4.6, rows[0]
+    assert rows[-1]['train/loss'] < 4.35, [r['train/loss'] for r in rows]
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--config', 'configs/clip.py', '--config.optim.lrr=1'],
-     "unknown config key 'optim.lrr'; did you mean optim.lr"),
-    (['--config', 'configs/clip.py', '--config.model.imag.width=1'],
-     "unknown config key 'model.imag.width'; did you mean model.image.width"),
-    (['--config', 'configs/nope.py'], "config file 'configs/nope.py' does not exist"),
-    (['--config', 'configs/clip.py:b61'], "unknown variant 'b61'; valid: tiny, b16"),
-    (['--config', 'configs/clip.py', '--config.batch_size=many'], "config key 'batch_size'"),
+        (['--config', 'configs/clip.py', '--config.optim.lrr=1'],
+          "unknown config key 'optim.lrr'; did you mean optim.lr"),
+        (['--config', 'configs/clip.py', '--config.model.imag.width=1'],
+          "unknown config key 'model.imag.width'; did you mean model.image.width"),
+        (['--config', 'configs/nope.py'], "config file 'configs/nope.py' does not exist"),
+        (['--config', 'configs/clip.py:b61'], "unknown variant 'b61'; valid: tiny, b16"),
+        (['--config', 'configs/clip.py', '--config.batch_size=many'], "config key 'batch_size'"),
 ])
 def test_bad_config_is_one_line_error(python, tmp_path, args, message):
-  proc = python(MAIN + args + ['--workdir', str(tmp_path)], check=False, timeout=60)
-  assert proc.returncode == 2
-  assert message in proc.stderr
-  assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = python(MAIN + args + ['--workdir', str(tmp_path)], check=False, timeout=60)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_resume_logs_the_losses_of_an_uninterrupted_run(python, tmp_path):
-  args = ['--config', 'configs/clip.py', *TINY, '--config.total_steps=8', '--config.log_every=1',
-          '--config.checkpoint.every=4']
-  straight, resumed = str(tmp_path / 'a'), str(tmp_path / 'b')
-  python(MAIN + args + ['--workdir', straight])
-  python(MAIN + args + ['--workdir', resumed])
-  # Rewind the second run to its step-4 checkpoint, as if it had died right after it.
-  shutil.rmtree(os.path.join(resumed, 'checkpoints', '8'))
-  os.remove(os.path.join(resumed, 'metrics.jsonl'))
-  proc = python(MAIN + args + ['--workdir', resumed])
-  want, got = losses(straight), losses(resumed)
-  assert sorted(got) == [5, 6, 7, 8]
-  for step in got:
-    assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
-  assert 'completed: step 8/8, 4 steps' in proc.stdout
+    args = ['--config', 'configs/clip.py', *TINY, '--config.total_steps=8', '--config.log_every=1',
+                    '--config.checkpoint.every=4']
+    straight, resumed = str(tmp_path / 'a'), str(tmp_path / 'b')
+    python(MAIN + args + ['--workdir', straight])
+    python(MAIN + args + ['--workdir', resumed])
+    # Rewind the second run to its step-4 checkpoint, as if it had died right after it.
+    shutil.rmtree(os.path.join(resumed, 'checkpoints', '8'))
+    os.remove(os.path.join(resumed, 'metrics.jsonl'))
+    proc = python(MAIN + args + ['--workdir', resumed])
+    want, got = losses(straight), losses(resumed)
+    assert sorted(got) == [5, 6, 7, 8]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
+    assert 'completed: step 8/8, 4 steps' in proc.stdout
 
 
 def test_sigterm_saves_exits_zero_and_resumes_exactly(python, tmp_path):
-  args = ['--config', 'configs/clip.py', *TINY, '--config.total_steps=150',
-          '--config.log_every=1', '--config.checkpoint.every=1000']
-  straight, stopped = str(tmp_path / 'a'), str(tmp_path / 'b')
-  python(MAIN + args + ['--workdir', straight])
+    args = ['--config', 'configs/clip.py', *TINY, '--config.total_steps=150',
+                    '--config.log_every=1', '--config.checkpoint.every=1000']
+    straight, stopped = str(tmp_path / 'a'), str(tmp_path / 'b')
+    python(MAIN + args + ['--workdir', straight])
 
-  env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)
-  proc = subprocess.Popen([sys.executable, *MAIN, *args, '--workdir', stopped], cwd=ROOT,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = os.path.join(stopped, 'metrics.jsonl')
-  deadline = time.time() + 120
-  while time.time() < deadline:
-    if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
-      break
-    time.sleep(0.05)
-  sent = time.time()
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=60)
-  assert proc.returncode == 0, err[-3000:]
-  assert time.time() - sent < 30
-  saved = [int(d) for d in os.listdir(os.path.join(stopped, 'checkpoints')) if d.isdigit()]
-  assert len(saved) == 1 and 3 <= saved[0] < 150, saved
-  assert f'stopped by signal {int(signal.SIGTERM)}: step {saved[0]}/150' in out
+    env = dict(os.environ)
+    env.pop('XLA_FLAGS', None)
+    proc = subprocess.Popen([sys.executable, *MAIN, *args, '--workdir', stopped], cwd=ROOT,
+                                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(stopped, 'metrics.jsonl')
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
+            break
+        time.sleep(0.05)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    assert time.time() - sent < 30
+    saved = [int(d) for d in os.listdir(os.path.join(stopped, 'checkpoints')) if d.isdigit()]
+    assert len(saved) == 1 and 3 <= saved[0] < 150, saved
+    assert f'stopped by signal {int(signal.SIGTERM)}: step {saved[0]}/150' in out
 
-  python(MAIN + args + ['--workdir', stopped])
-  want, got = losses(straight), losses(stopped)
-  assert max(got) == 150
-  for step in range(saved[0] + 1, 151):
-    assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
+    python(MAIN + args + ['--workdir', stopped])
+    want, got = losses(straight), losses(stopped)
+    assert max(got) == 150
+    for step in range(saved[0] + 1, 151):
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(python, tmp_path):
-  wd = str(tmp_path / 'run')
-  args = MAIN + ['--config', 'configs/clip.py', '--workdir', wd, *TINY,
-                 '--config.total_steps=6', '--config.checkpoint.every=1', '--config.log_every=1']
-  # Step 1 runs at lr 0 (warmup starts at 0); from step 2 on an lr of 1e30 overflows.
-  proc = python(args + ['--config.optim.lr=1e30'], check=False)
-  assert proc.returncode == 1
-  assert 'non-finite loss at step 3' in proc.stderr or 'non-finite loss at step 2' in proc.stderr
-  line = proc.stderr.strip().splitlines()[-1]
-  assert line.startswith('error: non-finite loss') and 'last good checkpoint: step' in line
-  good = int(line.split('last good checkpoint: step ')[1].split()[0])
-  saved = sorted(int(d) for d in os.listdir(os.path.join(wd, 'checkpoints')) if d.isdigit())
-  assert saved[-1] == good
+    wd = str(tmp_path / 'run')
+    args = MAIN + ['--config', 'configs/clip.py', '--workdir', wd, *TINY,
+                                  '--config.total_steps=6', '--config.checkpoint.every=1', '--config.log_every=1']
+    # Step 1 runs at lr 0 (warmup starts at 0); from step 2 on an lr of 1e30 overflows.
+    proc = python(args + ['--config.optim.lr=1e30'], check=False)
+    assert proc.returncode == 1
+    assert 'non-finite loss at step 3' in proc.stderr or 'non-finite loss at step 2' in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith('error: non-finite loss') and 'last good checkpoint: step' in line
+    good = int(line.split('last good checkpoint: step ')[1].split()[0])
+    saved = sorted(int(d) for d in os.listdir(os.path.join(wd, 'checkpoints')) if d.isdigit())
+    assert saved[-1] == good

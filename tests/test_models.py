@@ -14,136 +14,136 @@ from pretrain.models.vit import VisionTransformer, interpolate_posemb
 
 
 def np_layernorm(x, scale, bias, eps=1e-6):
-  mu = x.mean(-1, keepdims=True)
-  var = ((x - mu) ** 2).mean(-1, keepdims=True)
-  return (x - mu) / np.sqrt(var + eps) * scale + bias
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * scale + bias
 
 
 def np_gelu(x):
-  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
 def np_block(x, p, heads, causal):
-  """Pre-norm transformer block written out in float64 numpy."""
-  b, t, d = x.shape
-  k = d // heads
-  h = np_layernorm(x, p['ln1']['scale'], p['ln1']['bias'])
-  qkv = h @ p['attn']['qkv']['kernel'] + p['attn']['qkv']['bias']
-  qkv = qkv.reshape(b, t, 3, heads, k)
-  q, kk, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-  logits = np.einsum('bqhk,bshk->bhqs', q, kk) / np.sqrt(k)
-  if causal:
-    logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
-  w = np.exp(logits - logits.max(-1, keepdims=True))
-  w /= w.sum(-1, keepdims=True)
-  att = np.einsum('bhqs,bshk->bqhk', w, v).reshape(b, t, d)
-  x = x + att @ p['attn']['out']['kernel'] + p['attn']['out']['bias']
-  h = np_layernorm(x, p['ln2']['scale'], p['ln2']['bias'])
-  h = np_gelu(h @ p['mlp']['fc1']['kernel'] + p['mlp']['fc1']['bias'])
-  return x + h @ p['mlp']['fc2']['kernel'] + p['mlp']['fc2']['bias']
+    """Pre-norm transformer block written out in float64 numpy."""
+    b, t, d = x.shape
+    k = d // heads
+    h = np_layernorm(x, p['ln1']['scale'], p['ln1']['bias'])
+    qkv = h @ p['attn']['qkv']['kernel'] + p['attn']['qkv']['bias']
+    qkv = qkv.reshape(b, t, 3, heads, k)
+    q, kk, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = np.einsum('bqhk,bshk->bhqs', q, kk) / np.sqrt(k)
+    if causal:
+        logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    att = np.einsum('bhqs,bshk->bqhk', w, v).reshape(b, t, d)
+    x = x + att @ p['attn']['out']['kernel'] + p['attn']['out']['bias']
+    h = np_layernorm(x, p['ln2']['scale'], p['ln2']['bias'])
+    h = np_gelu(h @ p['mlp']['fc1']['kernel'] + p['mlp']['fc1']['bias'])
+    return x + h @ p['mlp']['fc2']['kernel'] + p['mlp']['fc2']['bias']
 
 
 def np_params(module):
-  return jax.tree.map(lambda a: np.asarray(a, np.float64),
-                      nnx.to_pure_dict(nnx.state(module, nnx.Param)))
+    return jax.tree.map(lambda a: np.asarray(a, np.float64),
+                                            nnx.to_pure_dict(nnx.state(module, nnx.Param)))
 
 
 @pytest.mark.parametrize('causal', [False, True])
 def test_block_matches_numpy(causal):
-  block = layers.Block(16, 4, 4.0, rngs=nnx.Rngs(0))
-  # Non-trivial norms and biases so every parameter matters.
-  for path, v in nnx.iter_graph(block):
-    if isinstance(v, nnx.Param):
-      v[...] = v[...] + 0.1 * jax.random.normal(jax.random.key(len(path)), v.shape)
-  x = np.random.default_rng(0).normal(size=(2, 5, 16)).astype(np.float32)
-  got = block(jnp.asarray(x), is_causal=causal)
-  want = np_block(x.astype(np.float64), np_params(block), 4, causal)
-  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+    block = layers.Block(16, 4, 4.0, rngs=nnx.Rngs(0))
+    # Non-trivial norms and biases so every parameter matters.
+    for path, v in nnx.iter_graph(block):
+        if isinstance(v, nnx.Param):
+            v[...] = v[...] + 0.1 * jax.random.normal(jax.random.key(len(path)), v.shape)
+    x = np.random.default_rng(0).normal(size=(2, 5, 16)).astype(np.float32)
+    got = block(jnp.asarray(x), is_causal=causal)
+    want = np_block(x.astype(np.float64), np_params(block), 4, causal)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
 def test_vit_matches_numpy_and_pools():
-  vit = VisionTransformer(width=16, depth=2, heads=2, patch=4, image_size=8, pool='cls',
-                          rngs=nnx.Rngs(1))
-  img = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
-  pooled, aux = vit(jnp.asarray(img))
-  p = np_params(vit)
-  x = img.astype(np.float64) * 2 / 255 - 1
-  x = x.reshape(2, 2, 4, 2, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 48)
-  x = x @ p['embed']['kernel'] + p['embed']['bias'] + p['pos']
-  x = np.concatenate([np.broadcast_to(p['cls'], (2, 1, 16)), x], 1)
-  for i in range(2):
-    x = np_block(x, p['encoder']['blocks'][i], 2, causal=False)
-  x = np_layernorm(x, p['ln']['scale'], p['ln']['bias'])
-  np.testing.assert_allclose(np.asarray(pooled), x[:, 0], rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(np.asarray(aux['tokens']), x[:, 1:], rtol=1e-4, atol=1e-4)
+    vit = VisionTransformer(width=16, depth=2, heads=2, patch=4, image_size=8, pool='cls',
+                                                    rngs=nnx.Rngs(1))
+    img = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
+    pooled, aux = vit(jnp.asarray(img))
+    p = np_params(vit)
+    x = img.astype(np.float64) * 2 / 255 - 1
+    x = x.reshape(2, 2, 4, 2, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 48)
+    x = x @ p['embed']['kernel'] + p['embed']['bias'] + p['pos']
+    x = np.concatenate([np.broadcast_to(p['cls'], (2, 1, 16)), x], 1)
+    for i in range(2):
+        x = np_block(x, p['encoder']['blocks'][i], 2, causal=False)
+    x = np_layernorm(x, p['ln']['scale'], p['ln']['bias'])
+    np.testing.assert_allclose(np.asarray(pooled), x[:, 0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(aux['tokens']), x[:, 1:], rtol=1e-4, atol=1e-4)
 
-  for pool in ('mean', 'map'):
-    v = VisionTransformer(width=16, depth=1, heads=2, patch=4, image_size=8, pool=pool,
-                          rngs=nnx.Rngs(1))
-    pooled, aux = v(jnp.asarray(img))
-    assert pooled.shape == (2, 16) and aux['tokens'].shape == (2, 4, 16)
-    if pool == 'mean':
-      np.testing.assert_allclose(pooled, aux['tokens'].mean(1), rtol=1e-5, atol=1e-6)
+    for pool in ('mean', 'map'):
+        v = VisionTransformer(width=16, depth=1, heads=2, patch=4, image_size=8, pool=pool,
+                                                    rngs=nnx.Rngs(1))
+        pooled, aux = v(jnp.asarray(img))
+        assert pooled.shape == (2, 16) and aux['tokens'].shape == (2, 4, 16)
+        if pool == 'mean':
+            np.testing.assert_allclose(pooled, aux['tokens'].mean(1), rtol=1e-5, atol=1e-6)
 
 
 def test_posemb_interpolation_runs_at_other_resolutions():
-  vit = VisionTransformer(width=16, depth=1, heads=2, patch=4, image_size=16, pool='mean',
-                          rngs=nnx.Rngs(0))
-  pooled, aux = vit(jnp.zeros((1, 24, 24, 3), jnp.uint8))
-  assert aux['tokens'].shape == (1, 36, 16) and aux['grid'] == (6, 6)
-  table = jnp.arange(16 * 2, dtype=jnp.float32).reshape(16, 2)
-  np.testing.assert_array_equal(interpolate_posemb(table, (4, 4)), table)
-  assert interpolate_posemb(table, (8, 8)).shape == (64, 2)
+    vit = VisionTransformer(width=16, depth=1, heads=2, patch=4, image_size=16, pool='mean',
+                                                    rngs=nnx.Rngs(0))
+    pooled, aux = vit(jnp.zeros((1, 24, 24, 3), jnp.uint8))
+    assert aux['tokens'].shape == (1, 36, 16) and aux['grid'] == (6, 6)
+    table = jnp.arange(16 * 2, dtype=jnp.float32).reshape(16, 2)
+    np.testing.assert_array_equal(interpolate_posemb(table, (4, 4)), table)
+    assert interpolate_posemb(table, (8, 8)).shape == (64, 2)
 
 
 def test_text_pooling_ignores_padding_and_future_tokens():
-  tt = TextTransformer(width=16, depth=2, heads=2, vocab_size=20, context_length=100,
-                       causal=True, pool='eos', rngs=nnx.Rngs(0))
-  a = np.array([[5, 6, 7, 1, 0, 0, 0, 0]])
-  b = np.array([[5, 6, 7, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                 0, 0, 0, 0, 0, 0, 0, 0, 0]])  # longer than CLIP's 77
-  pa, _ = tt(jnp.asarray(a))
-  pb, aux = tt(jnp.asarray(b))
-  np.testing.assert_allclose(pa, pb, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(pa, aux["tokens"][:, 3], rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match='context length'):
-    tt(jnp.zeros((1, 101), jnp.int32))
+    tt = TextTransformer(width=16, depth=2, heads=2, vocab_size=20, context_length=100,
+                                              causal=True, pool='eos', rngs=nnx.Rngs(0))
+    a = np.array([[5, 6, 7, 1, 0, 0, 0, 0]])
+    b = np.array([[5, 6, 7, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                  0, 0, 0, 0, 0, 0, 0, 0, 0]])  # longer than CLIP's 77
+    pa, _ = tt(jnp.asarray(a))
+    pb, aux = tt(jnp.asarray(b))
+    np.testing.assert_allclose(pa, pb, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pa, aux["tokens"][:, 3], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match='context length'):
+        tt(jnp.zeros((1, 101), jnp.int32))
 
-  bi = TextTransformer(width=16, depth=1, heads=2, vocab_size=20, context_length=16,
-                       causal=False, pool='mean', rngs=nnx.Rngs(0))
-  short = np.array([[5, 6, 1, 0, 0, 0]])
-  padded = np.array([[5, 6, 1, 0, 0, 0, 0, 0, 0, 0]])
-  np.testing.assert_allclose(bi(jnp.asarray(short))[0], bi(jnp.asarray(padded))[0],
-                             rtol=1e-5, atol=1e-6)
+    bi = TextTransformer(width=16, depth=1, heads=2, vocab_size=20, context_length=16,
+                                              causal=False, pool='mean', rngs=nnx.Rngs(0))
+    short = np.array([[5, 6, 1, 0, 0, 0]])
+    padded = np.array([[5, 6, 1, 0, 0, 0, 0, 0, 0, 0]])
+    np.testing.assert_allclose(bi(jnp.asarray(short))[0], bi(jnp.asarray(padded))[0],
+                                                          rtol=1e-5, atol=1e-6)
 
 
 def test_image_text_model_outputs_unit_vectors_and_params_carry_axes():
-  config = clip.get_config()
-  with nnx.use_eager_sharding(False):
-    model = ImageTextModel(config.model, rngs=nnx.Rngs(0))
-  (zi, zt), aux = model(jnp.zeros((2, 64, 64, 3), jnp.uint8), jnp.ones((2, 96), jnp.int32))
-  np.testing.assert_allclose(jnp.linalg.norm(zi, axis=-1), 1, rtol=1e-5)
-  np.testing.assert_allclose(jnp.linalg.norm(zt, axis=-1), 1, rtol=1e-5)
-  assert aux['img/tokens'].shape == (2, 16, 128)
-  assert float(jnp.exp(model.logit_scale[...])) == pytest.approx(1 / 0.07, rel=1e-5)
-  axes = model.image.encoder.blocks[0].mlp.fc1.kernel.get_metadata()['out_sharding']
-  assert axes == ('embed', 'mlp')
+    config = clip.get_config()
+    with nnx.use_eager_sharding(False):
+        model = ImageTextModel(config.model, rngs=nnx.Rngs(0))
+    (zi, zt), aux = model(jnp.zeros((2, 64, 64, 3), jnp.uint8), jnp.ones((2, 96), jnp.int32))
+    np.testing.assert_allclose(jnp.linalg.norm(zi, axis=-1), 1, rtol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(zt, axis=-1), 1, rtol=1e-5)
+    assert aux['img/tokens'].shape == (2, 16, 128)
+    assert float(jnp.exp(model.logit_scale[...])) == pytest.approx(1 / 0.07, rel=1e-5)
+    axes = model.image.encoder.blocks[0].mlp.fc1.kernel.get_metadata()['out_sharding']
+    assert axes == ('embed', 'mlp')
 
 
 @pytest.mark.parametrize('size', sorted(common.VIT_SIZES))
 def test_size_table_is_consistent(size):
-  width, depth, heads = common.VIT_SIZES[size]
-  assert width % heads == 0 and common.TEXT_SIZES[size][0] % common.TEXT_SIZES[size][2] == 0
+    width, depth, heads = common.VIT_SIZES[size]
+    assert width % heads == 0 and common.TEXT_SIZES[size][0] % common.TEXT_SIZES[size][2] == 0
 
 
 def test_remat_gives_the_same_gradients():
-  def grads(remat):
-    enc = layers.Encoder(16, 2, 2, 4.0, rngs=nnx.Rngs(0), remat=remat)
-    x = jnp.ones((2, 3, 16))
-    return nnx.grad(lambda m: (m(x) ** 2).sum())(enc)
-  g0, g1 = grads('none'), grads('nothing_saveable')
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g0, g1)
-  with pytest.raises(ValueError, match='unknown remat policy'):
-    layers.remat_policy('everything')
+    def grads(remat):
+        enc = layers.Encoder(16, 2, 2, 4.0, rngs=nnx.Rngs(0), remat=remat)
+        x = jnp.ones((2, 3, 16))
+        return nnx.grad(lambda m: (m(x) ** 2).sum())(enc)
+    g0, g1 = grads('none'), grads('nothing_saveable')
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g0, g1)
+    with pytest.raises(ValueError, match='unknown remat policy'):
+        layers.remat_policy('everything')
