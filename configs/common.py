@@ -56,11 +56,13 @@ def text_config(size: str, *, context_length: int, vocab_size: int = BYTE_VOCAB_
 
 
 def model_config(*, image: ConfigDict, text: ConfigDict, embed_dim: int,
-                                  dtype: str = 'float32', remat: str = 'none', logit_scale_init: float = 1 / 0.07,
-                                  logit_bias_init: float = 0.0) -> ConfigDict:
+                 dtype: str = 'float32', remat: str = 'none', logit_scale_init: float = 1 / 0.07,
+                 logit_bias_init: float = 0.0, grouping_logit_scale_init: float = 1 / 0.07,
+                 ) -> ConfigDict:
     return ConfigDict(dict(image=image, text=text, embed_dim=embed_dim, dtype=dtype,
-                                                  remat=remat, logit_scale_init=logit_scale_init,
-                                                  logit_bias_init=logit_bias_init))
+                           remat=remat, logit_scale_init=logit_scale_init,
+                           logit_bias_init=logit_bias_init,
+                           grouping_logit_scale_init=grouping_logit_scale_init))
 
 
 def optim_config(*, lr: float, warmup_steps: int, weight_decay: float = 0.1,

@@ -376,7 +376,7 @@ def test_composite_skips_zero_weight_and_splits_rngs(monkeypatch):
 
 
 def test_build_objective_errors():
-    with pytest.raises(ValueError, match=r"unknown kind 'sigclip'.*\['clip', 'siglip'\]"):
+    with pytest.raises(ValueError, match=r"unknown kind 'sigclip'.*\['clip', 'dreamlip', 'siglip'\]"):
         compose.build_objective(objectives_config(x={'kind': 'sigclip', 'weight': 1.0}))
     with pytest.raises(ValueError, match=r"unknown kind 'clipp'"):
         compose.build_objective(objectives_config(clipp={'weight': 1.0}))

@@ -46,6 +46,10 @@ class ImageTextModel(nnx.Module):
                                                                     use_bias=False, rngs=rngs, dtype=dtype)
         self.logit_scale = nnx.Param(jnp.asarray(math.log(config.logit_scale_init), jnp.float32))
         self.logit_bias = nnx.Param(jnp.asarray(config.logit_bias_init, jnp.float32))
+        # DreamLIP's sub-caption grouping contrast has its own learnable temperature (a log,
+        # like logit_scale); objectives that do not use it leave its gradient at zero.
+        self.grouping_logit_scale = nnx.Param(
+            jnp.asarray(math.log(config.grouping_logit_scale_init), jnp.float32))
 
     def encode_image(self, image, *, train: bool = False):
         pooled, aux = self.image(image, train=train)

@@ -17,10 +17,12 @@ from typing import Any, Mapping
 import jax
 
 from pretrain.objectives.clip import Clip
+from pretrain.objectives.dreamlip import DreamLip
 from pretrain.objectives.siglip import Siglip
 
 OBJECTIVES = {
     'clip': Clip,
+    'dreamlip': DreamLip,
     'siglip': Siglip,
 }
 
