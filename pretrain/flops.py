@@ -40,13 +40,20 @@ def image_text_forward(model_config, *, image_size: int | None = None,
     return flops
 
 
-def train_step_flops(config, *, text_per_image: int = 1) -> float:
-    """Model FLOPs of one train step of an image-text config (forward + backward = 3x)."""
-    batch = config.batch_size
-    per_example = image_text_forward(config.model)
-    txt = config.model.text
-    per_example += (text_per_image - 1) * transformer_forward(
-            txt.context_length, txt.width, txt.depth, txt.mlp_ratio)
+def train_step_flops(config, fields=('image', 'text')) -> float:
+    """Model FLOPs of one train step (forward + backward = 3x) for the batch `fields`.
+
+    Text lengths are those of the batch (`input.context_length`), not the size of the
+    position table; with `texts` in the fields each image also has K sub-captions of
+    `input.subcaption_context_length` tokens through the text tower (DreamLIP).
+    """
+    batch, txt, inp = config.batch_size, config.model.text, config.input
+    per_example = image_text_forward(config.model, text_length=inp.context_length)
+    if 'texts' in fields:
+        per_example += inp.num_subcaptions * (
+            transformer_forward(inp.subcaption_context_length, txt.width, txt.depth,
+                                txt.mlp_ratio)
+            + 2 * txt.width * config.model.embed_dim)
     logits = 2 * batch * batch * config.model.embed_dim  # B x B similarity of the losses
     return 3 * (batch * per_example + logits)
 

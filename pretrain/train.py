@@ -115,7 +115,8 @@ def run(config, workdir: str) -> dict:
 
         peak, peak_source = flops.peak_flops_per_device()
         throughput = metrics_lib.Throughput(
-            batch_size=config.batch_size, flops_per_step=flops.train_step_flops(config),
+            batch_size=config.batch_size,
+            flops_per_step=flops.train_step_flops(config, objective.fields),
             peak_flops=peak * jax.device_count())
         bar = metrics_lib.progress_bar(start=start, total=total,
                                        enabled=is_main and config.progress)
