@@ -254,7 +254,7 @@ def test_build_evaluators_from_the_tiny_clip_config():
             ('dense_zeroshot', 'DenseZeroShot'), ('linear_probe', 'LinearProbe'),
             ('retrieval', 'Retrieval'), ('zeroshot', 'ZeroShot')]
     for e in evaluators:  # None in the section -> the training input's values
-        assert (e.config.image_size, e.config.context_length, e.config.max_objects) == (64, 96, 3)
+        assert (e.config.image_size, e.config.context_length, e.config.max_objects) == (64, 80, 3)
     assert config.eval_every > 0 and clip.get_config('b16').evals.zeroshot.num_examples > 512
     with config.unlocked():
         config.evals.retrieval.kind = 'retreival'

@@ -123,7 +123,7 @@ def test_image_text_model_outputs_unit_vectors_and_params_carry_axes():
     config = clip.get_config()
     with nnx.use_eager_sharding(False):
         model = ImageTextModel(config.model, rngs=nnx.Rngs(0))
-    (zi, zt), aux = model(jnp.zeros((2, 64, 64, 3), jnp.uint8), jnp.ones((2, 96), jnp.int32))
+    (zi, zt), aux = model(jnp.zeros((2, 64, 64, 3), jnp.uint8), jnp.ones((2, 80), jnp.int32))
     np.testing.assert_allclose(jnp.linalg.norm(zi, axis=-1), 1, rtol=1e-5)
     np.testing.assert_allclose(jnp.linalg.norm(zt, axis=-1), 1, rtol=1e-5)
     assert aux['img/tokens'].shape == (2, 16, 128)
