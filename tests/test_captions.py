@@ -230,6 +230,11 @@ def test_choose_caption_missing_field():
 def _config(**input_overrides):
     config = dreamlip.get_config()
     config.batch_size = 8
+    # Pinned here, not read from the recipe, so these tests keep their meaning when the
+    # DreamLIP config is retuned: K=6 > the 2-4 sentences of a shapes long caption.
+    config.input.caption_field = "caption"
+    config.input.num_subcaptions = 6
+    config.input.subcaption_context_length = 128
     config.input.image_size = 16
     config.input.epoch_size = 64
     for k, v in input_overrides.items():

@@ -1,0 +1,85 @@
+"""benchmarks/train_step.py on a tiny model: it runs, and its JSON is sane (no timing asserts)."""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from pretrain import config_cli
+
+if ROOT not in sys.path:  # benchmarks/ is a folder of scripts, not an installed package
+    sys.path.insert(0, ROOT)
+from benchmarks import train_step as bench  # noqa: E402
+
+# One block of width 32 per tower, batch 8, 32 px images and 32-token captions.
+TINY_BENCH = [
+    '--config.batch_size=8', '--config.model.image.depth=1', '--config.model.text.depth=1',
+    '--config.model.image.width=32', '--config.model.text.width=32',
+    '--config.model.image.heads=2', '--config.model.text.heads=2', '--config.model.embed_dim=16',
+    '--config.input.image_size=32', '--config.model.image.image_size=32',
+    '--config.input.context_length=32', '--config.model.text.context_length=32',
+]
+
+
+def test_train_step_benchmark_writes_sane_json(python, tmp_path):
+    out = tmp_path / 'bench.json'
+    python(['-m', 'benchmarks.train_step', '--config', 'configs/clip.py', *TINY_BENCH,
+            '--steps', '2', '--warmup', '1', '--out', str(out)],
+           timeout=120, env={'PRETRAIN_MALLOC': 'tuned'})
+    r = json.loads(out.read_text())
+    t, f = r['timing'], r['flops']
+    assert len(t['step']['all_s']) == 2
+    assert 0 < t['step']['min_s'] <= t['step']['median_s'] <= t['step']['max_s']
+    assert t['step']['mean_s'] > 0 and t['samples_per_s'] > 0 and t['compile_s'] > 0
+    assert r['batch_shapes'] == {'image': [[8, 32, 32, 3], 'uint8'], 'text': [[8, 32], 'int32']}
+    # Analytic model FLOPs (matmuls only) against XLA's count of the whole compiled step.
+    assert f['analytic_per_step'] > 0 and f['xla_cost_analysis_per_step'] > 0
+    assert 0.5 < f['analytic_over_xla'] < 2, f
+    assert 0.5 < f['analytic_over_hlo_dot'] < 2, f
+    assert r['peak']['per_device_flops'] > 0 and r['peak']['source']
+    assert 0 < r['mfu'] < 1.5
+    assert r['memory']['process_peak_rss_bytes'] > 0
+    assert r['memory']['xla']['temp_size_in_bytes'] >= 0
+    assert r['model']['image']['width'] == 32 and r['model']['text']['depth'] == 1
+    assert r['versions']['jax'] == jax.__version__
+    # The product's allocator choice: the entry point re-executed itself with the tunables.
+    assert 'GLIBC_TUNABLES' in r['allocator']['env'] or r['allocator']['preloaded_libs'], r['allocator']
+    assert np.isfinite(r['last_metrics']['loss'])
+
+
+def test_allocator_info_names_what_is_in_force(monkeypatch):
+    if bench.allocator_info()['preloaded_libs']:
+        pytest.skip('this pytest process runs with a preloaded allocator')
+    monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.mmap_threshold=4294967296')
+    assert bench.allocator_info()['kind'] == 'glibc malloc with GLIBC_TUNABLES (tuned)'
+    monkeypatch.delenv('GLIBC_TUNABLES')
+    info = bench.allocator_info()
+    assert info['kind'] == 'glibc malloc, defaults (system)' and 'GLIBC_TUNABLES' not in info['env']
+
+
+def test_synthetic_batch_matches_the_pipeline_layout():
+    config = config_cli.build_config('configs/dreamlip.py', [])
+    inp = config.input
+    batch = bench.synthetic_batch(config, ('image', 'text', 'texts', 'texts_valid'), rows=4)
+    assert batch['image'].shape == (4, inp.image_size, inp.image_size, 3)
+    assert batch['image'].dtype == np.uint8
+    assert batch['text'].shape == (4, inp.context_length) and batch['text'].dtype == np.int32
+    k, l_sub = inp.num_subcaptions, inp.subcaption_context_length
+    assert batch['texts'].shape == (4, k, l_sub) and batch['texts'].dtype == np.int32
+    assert batch['texts_valid'].shape == (4, k) and batch['texts_valid'].dtype == bool
+    for row in [*batch['text'], *batch['texts'].reshape(-1, l_sub)]:
+        eos = int(np.argmax(row == 1))  # bytes, one EOS, then padding only
+        assert (row[:eos] >= 2).all() and (row[eos + 1:] == 0).all()
+
+
+def test_hlo_dot_flops_counts_plain_and_batched_matmuls():
+    a, b = jnp.ones((64, 32)), jnp.ones((32, 16))
+    hlo = jax.jit(lambda x, y: jnp.tanh(x @ y)).lower(a, b).compile().as_text()
+    assert bench.hlo_dot_flops(hlo) == 2 * 64 * 32 * 16
+    q = jnp.ones((2, 5, 8))
+    hlo = jax.jit(lambda x: jnp.einsum('bqk,bsk->bqs', x, x)).lower(q).compile().as_text()
+    assert bench.hlo_dot_flops(hlo) == 2 * 2 * 5 * 5 * 8
