@@ -92,7 +92,7 @@ def run_mesh(config, steps: int) -> dict:
         import numpy as np
         from flax import nnx
         from input_pipeline import pipeline
-        from pretrain import optim, sharding, step as step_lib, train
+        from pretrain import sharding, step as step_lib, train
         from pretrain.objectives import compose
 
         mesh = sharding.make_mesh(config.mesh)
@@ -122,13 +122,7 @@ def run_mesh(config, steps: int) -> dict:
                                 'shard_shape': list(flat_state[k].addressable_shards[0].data.shape)}
                         for k in WATCH if k in flat_state}
 
-                train_step = jax.jit(
-                        step_lib.make_train_step(graphdef, objective,
-                                                                          lr_schedule=optim.schedule(config.optim, config.total_steps),
-                                                                          seed=config.seed, grad_accum=config.grad_accum),
-                        in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                        out_shardings=(shardings, sharding.replicated(mesh)),
-                        donate_argnums=0)
+                train_step = step_lib.jit_train_step(config, graphdef, objective, shardings, mesh)
 
                 losses, grad_norms, digests, times = [], [], [], []
                 first_compiles = None
