@@ -117,7 +117,10 @@ def run(config, workdir: str) -> dict:
         throughput = metrics_lib.Throughput(
             batch_size=config.batch_size,
             flops_per_step=flops.train_step_flops(config, objective.fields),
-            peak_flops=peak * jax.device_count())
+            # On CPU the measured matmul rate is the whole host's, whatever the number of
+            # virtual devices; accelerator peaks are per chip.
+            peak_flops=peak * (jax.process_count() if jax.default_backend() == 'cpu'
+                               else jax.device_count()))
         bar = metrics_lib.progress_bar(start=start, total=total,
                                        enabled=is_main and config.progress)
         last_metrics: dict = {}

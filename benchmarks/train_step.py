@@ -1,0 +1,530 @@
+"""Train-step throughput and MFU of a config, on synthetic batches (no input pipeline).
+
+    python -m benchmarks.train_step --config configs/clip.py [--config.k=v ...] \
+        [--steps 10] [--warmup 2] [--out benchmarks/results/train_step_cpu.json] \
+        [--compare_malloc] [--breakdown]
+
+The model, objective, train state and jitted step are built as `pretrain.train.run` builds
+them (same mesh, shardings, donation and pinned output shardings); only the batches differ:
+random uint8 images and int32 token ids of the configured shapes, placed once with
+`pretrain.sharding.global_batch`, so the figures are the step alone.
+
+What is measured, all written to --out as JSON (see benchmarks/README.md):
+- lower and compile time, apart from the steps;
+- `--steps` steps after `--warmup` (block_until_ready on each step's output): median,
+  mean, min, max seconds, samples/s, page faults and CPU time per step, and the share of
+  the machine's cores this process and all others used meanwhile (others > 0.1: the run
+  was contended and is flagged `contended`);
+- model FLOPs per step counted analytically (pretrain.flops.train_step_flops), next to
+  XLA's count for the compiled step (cost_analysis 'flops', which also counts element-wise
+  ops and the optimizer) and to the matmul FLOPs read from the `dot` ops of the optimised HLO;
+- MFU = analytic FLOPs / median step / peak, the peak from pretrain.flops (on CPU the
+  2048^3 f32 matmul rate, measured here, before and after the steps; the higher is used);
+- XLA's buffer sizes (memory_analysis) and the process's peak resident memory;
+- device, jax/flax versions, the resolved config and the allocator in force.
+
+The allocator is the product's: `pretrain.main.ensure_fast_malloc()` re-executes the process
+with GLIBC_TUNABLES unless PRETRAIN_MALLOC=system. `--compare_malloc` reruns the same
+benchmark in a subprocess with the other setting and records both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+SCHEMA = 1
+CONTENDED_ABOVE = 0.1  # share of the cores other processes used during the timed steps
+
+
+def parse_args(argv):
+    from pretrain import config_cli
+    overrides, rest = config_cli.parse_overrides(argv)
+    parser = argparse.ArgumentParser(prog='python -m benchmarks.train_step', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--config', required=True,
+                        help='config file, optionally with :variant, e.g. configs/clip.py:b16')
+    parser.add_argument('--steps', type=int, default=10, help='timed steps')
+    parser.add_argument('--warmup', type=int, default=2,
+                        help='untimed steps after compile (at least 1: the first step is timed '
+                             'apart as first_step_s)')
+    parser.add_argument('--out', default='benchmarks/results/train_step_cpu.json')
+    parser.add_argument('--compare_malloc', action='store_true',
+                        help='also run with the other PRETRAIN_MALLOC setting (a subprocess) '
+                             'and record both')
+    parser.add_argument('--breakdown', action='store_true',
+                        help='also time the forward pass and forward+backward without the update')
+    parser.add_argument('--label', default='', help='free text stored in the JSON')
+    args = parser.parse_args(rest)
+    if args.steps < 1 or args.warmup < 1:
+        parser.error('--steps and --warmup must be >= 1')
+    return args, overrides
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment facts.
+
+def allocator_info() -> dict:
+    """Which malloc the process runs with: env knobs and any preloaded allocator library."""
+    libs = set()
+    try:
+        with open('/proc/self/maps') as f:
+            for line in f:
+                name = os.path.basename(line.split()[-1]) if '/' in line else ''
+                if re.match(r'lib(jemalloc|tcmalloc|mimalloc)', name):
+                    libs.add(name)
+    except OSError:
+        pass
+    env = {k: os.environ.get(k) for k in ('PRETRAIN_MALLOC', 'PRETRAIN_MALLOC_SET',
+                                          'GLIBC_TUNABLES', 'LD_PRELOAD', 'MALLOC_CONF')}
+    if libs:
+        kind = 'preloaded ' + ', '.join(sorted(libs))
+    elif env['GLIBC_TUNABLES'] and 'mmap_threshold' in env['GLIBC_TUNABLES']:
+        kind = 'glibc malloc with GLIBC_TUNABLES (tuned)'
+    else:
+        kind = 'glibc malloc, defaults (system)'
+    return {'kind': kind, 'preloaded_libs': sorted(libs),
+            'env': {k: v for k, v in env.items() if v is not None}}
+
+
+def cpu_model() -> str | None:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def proc_status_kib(field: str) -> int | None:
+    """A `VmHWM`-style line of /proc/self/status, in KiB (None off Linux)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches and FLOPs.
+
+def _tokens(rng, shape, length: int) -> np.ndarray:
+    """Byte tokens (2..257) of random length, one EOS (1), then padding (0): the tokenizer's
+    layout, so EOS pooling and padding masks see what real captions give them."""
+    tokens = rng.integers(2, 258, (*shape, length), dtype=np.int32)
+    eos = rng.integers(length // 2, length, shape)[..., None]
+    cols = np.arange(length)
+    tokens = np.where(cols == eos, 1, tokens)
+    return np.where(cols > eos, 0, tokens).astype(np.int32)
+
+
+def synthetic_batch(config, fields, *, rows: int, seed: int = 0) -> dict:
+    """Random host arrays of the shapes and dtypes the input pipeline emits for `fields`.
+
+    image (rows, S, S, 3) uint8; text (rows, L) int32; texts (rows, K, L_sub) int32 and
+    texts_valid (rows, K) bool (DreamLIP sub-captions), as input_pipeline/pipeline.py
+    documents them.
+    """
+    rng = np.random.default_rng(seed)
+    inp = config.input
+    batch = {}
+    for field in fields:
+        if field == 'image':
+            size = inp.image_size
+            batch[field] = rng.integers(0, 256, (rows, size, size, 3), dtype=np.uint8)
+        elif field == 'text':
+            batch[field] = _tokens(rng, (rows,), inp.context_length)
+        elif field == 'texts':
+            batch[field] = _tokens(rng, (rows, inp.num_subcaptions),
+                                   inp.subcaption_context_length)
+        elif field == 'texts_valid':
+            batch[field] = np.ones((rows, inp.num_subcaptions), bool)
+        else:
+            raise ValueError(f"the benchmark cannot synthesise batch field '{field}'; it "
+                             'knows image, text, texts, texts_valid')
+    return batch
+
+
+_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]\S*\s+([a-z][\w\-]*)\((.*)$')
+
+
+def hlo_dot_flops(hlo_text: str) -> float:
+    """2 * (output elements) * (contracted size) summed over the `dot` ops of optimised HLO.
+
+    Operand shapes are looked up by instruction name (names are unique in a module); dots
+    inside fusions are found in the fused computations. A dot inside a while loop (the
+    grad_accum scan) is counted once, so this undercounts when grad_accum > 1.
+    """
+    shapes, dots = {}, []
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, dims, op, rest = m.groups()
+        shapes[name] = [int(d) for d in dims.split(',') if d]
+        if op == 'dot':
+            dots.append((shapes[name], rest))
+    total = 0.0
+    for out_dims, rest in dots:
+        lhs = re.match(r'\s*(?:\w+\[[\d,]*\]\S*\s+)?%?([\w.\-]+)', rest)
+        contract = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', rest)
+        if not lhs or not contract or lhs.group(1) not in shapes:
+            continue
+        lhs_dims = shapes[lhs.group(1)]
+        k = int(np.prod([lhs_dims[int(i)] for i in contract.group(1).split(',') if i]))
+        total += 2.0 * float(np.prod(out_dims)) * k
+    return total
+
+
+def op_histogram(hlo_text: str, top: int = 15) -> dict:
+    """Counts of HLO opcodes in the optimised module (a coarse picture of what XLA emits)."""
+    counts: dict[str, int] = {}
+    for m in re.finditer(r'=\s*\S+\s+([a-z][a-z0-9-]*)\(', hlo_text):
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:top])
+
+
+def cost_flops(compiled) -> dict:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception as e:  # not every backend implements it
+        return {'error': repr(e)}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return {k: float(cost[k]) for k in ('flops', 'transcendentals', 'bytes accessed')
+            if k in cost}
+
+
+def memory_info(compiled) -> dict:
+    try:
+        mem = compiled.memory_analysis()
+    except Exception as e:
+        return {'error': repr(e)}
+    if mem is None:
+        return {}
+    names = ('temp_size_in_bytes', 'argument_size_in_bytes', 'output_size_in_bytes',
+             'alias_size_in_bytes', 'generated_code_size_in_bytes', 'peak_memory_in_bytes')
+    return {n: int(getattr(mem, n)) for n in names if getattr(mem, n, None) is not None}
+
+
+def _busy_cpu_s() -> float | None:
+    """Seconds of CPU the whole machine has spent busy since boot (Linux /proc/stat)."""
+    try:
+        with open('/proc/stat') as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf('SC_CLK_TCK')
+
+
+def timed(fn, n: int) -> tuple[list[float], dict]:
+    """Seconds of each of n calls of fn() (which blocks), and what the CPU did meanwhile.
+
+    cpu_utilisation: this process's CPU time / (wall time x cores). others_cpu_utilisation:
+    the rest of the machine's busy time on the same scale; well above 0 means other
+    processes took cores and the step times are not the machine's (None: unknown, or a
+    window under a second).
+    """
+    r0, busy0, w0 = resource.getrusage(resource.RUSAGE_SELF), _busy_cpu_s(), time.perf_counter()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    r1, busy1 = resource.getrusage(resource.RUSAGE_SELF), _busy_cpu_s()
+    wall = time.perf_counter() - w0
+    capacity = wall * (os.cpu_count() or 1)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    # /proc/stat counts in clock ticks (10 ms): over less than a second it says nothing.
+    others = (None if busy0 is None or wall < 1.0
+              else max(0.0, (busy1 - busy0 - cpu) / capacity))
+    return times, {'minor_faults_per_step': (r1.ru_minflt - r0.ru_minflt) / n,
+                   'cpu_s_per_step': cpu / n,
+                   'sys_s_per_step': (r1.ru_stime - r0.ru_stime) / n,
+                   'cpu_utilisation': cpu / capacity,
+                   'others_cpu_utilisation': others}
+
+
+def summarise(times: list[float]) -> dict:
+    return {'median_s': float(np.median(times)), 'mean_s': float(np.mean(times)),
+            'min_s': float(np.min(times)), 'max_s': float(np.max(times)),
+            'all_s': [round(t, 5) for t in times]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark.
+
+def build(config):
+    """(mesh, objective, graphdef, state, shardings, jitted step), as pretrain.train.run does."""
+    import jax
+    from pretrain import sharding, step as step_lib, train
+    from pretrain.objectives import compose
+
+    mesh = sharding.make_mesh(config.mesh)
+    objective = compose.build_objective(config.objectives)
+    with jax.set_mesh(mesh):
+        graphdef, state, shardings = train.init_train_state(config, mesh)
+        train_step = step_lib.jit_train_step(config, graphdef, objective, shardings, mesh)
+    return mesh, objective, graphdef, state, shardings, train_step
+
+
+def breakdown(graphdef, objective, state, batch, mesh, *, steps: int, warmup: int) -> dict:
+    """Forward-only and forward+backward (no optimizer) times of the same loss."""
+    import jax
+    from flax import nnx
+
+    def loss(params, rest, batch):
+        model = nnx.merge(model_def, params, rest)
+        return objective(model, batch, rng=jax.random.key(0), train=True)[0]
+
+    model, _ = nnx.merge(graphdef, state)
+    model_def, params, rest = nnx.split(model, nnx.Param, ...)
+    out = {}
+    with jax.set_mesh(mesh):
+        for name, fn in (('forward', jax.jit(loss)),
+                         ('forward_backward', jax.jit(jax.value_and_grad(loss)))):
+            compiled = fn.lower(params, rest, batch).compile()
+            run = lambda: jax.block_until_ready(compiled(params, rest, batch))
+            for _ in range(warmup):
+                run()
+            times, _ = timed(run, steps)
+            out[name] = {**summarise(times), 'xla_flops': cost_flops(compiled).get('flops')}
+    return out
+
+
+def run_benchmark(args, overrides) -> dict:
+    import flax
+    import jax
+    from pretrain import config_cli, flops, sharding
+
+    config = config_cli.build_config(args.config, overrides)
+    t0 = time.perf_counter()
+    mesh, objective, graphdef, state, shardings, train_step = build(config)
+    init_s = time.perf_counter() - t0
+
+    rows = config.batch_size // jax.process_count()
+    host_batch = synthetic_batch(config, objective.fields, rows=rows,
+                                 seed=config.seed + jax.process_index())
+    with jax.set_mesh(mesh):
+        batch = sharding.global_batch(host_batch, mesh)
+        t0 = time.perf_counter()
+        lowered = train_step.lower(state, batch)
+        lower_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - t0
+
+        peak_before, peak_source = flops.peak_flops_per_device()
+
+        # The compiled executable itself runs the steps: a sharding mismatch between the
+        # returned and the donated state would raise here rather than silently recompile.
+        metrics = None
+
+        def one_step():
+            nonlocal state, metrics
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+
+        t0 = time.perf_counter()
+        one_step()  # slower (first page-in of buffers, runtime warm-up): timed apart, as warmup
+        first_step_s = time.perf_counter() - t0
+        for _ in range(args.warmup - 1):
+            one_step()
+        load_before = os.getloadavg()
+        times, usage = timed(one_step, args.steps)
+        load_after = os.getloadavg()
+        last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()
+                        if np.ndim(v) == 0}
+
+        peak_after, _ = flops.peak_flops_per_device()
+        parts = (breakdown(graphdef, objective, state, batch, mesh, steps=args.steps,
+                           warmup=args.warmup) if args.breakdown else None)
+
+    step = summarise(times)
+    n_dev = jax.device_count()
+    dev = jax.devices()[0]
+    # On CPU the measured matmul rate is the whole host's (one XLA CPU device already uses
+    # every core), so virtual devices (xla_force_host_platform_device_count) share it: count
+    # it once per process. Accelerator peaks are per chip.
+    peak_units = jax.process_count() if dev.platform == 'cpu' else n_dev
+    peak = max(peak_before, peak_after) * peak_units
+    analytic = flops.train_step_flops(config, objective.fields)
+    # The compiled module is one device's SPMD program: scale its counts to the whole mesh.
+    xla = {k: v * n_dev for k, v in cost_flops(compiled).items() if isinstance(v, float)}
+    hlo = compiled.as_text()
+    dots = hlo_dot_flops(hlo) * n_dev
+    med = step['median_s']
+    result = {
+        'benchmark': 'train_step',
+        'schema': SCHEMA,
+        'label': args.label,
+        'command': ' '.join(getattr(sys, 'orig_argv', sys.argv)),
+        'config_file': args.config,
+        'overrides': [f'--config.{k}={v}' for k, v in overrides],
+        'objectives': list(config.objectives.keys()),
+        'batch_size': config.batch_size,
+        'batch_shapes': {k: [list(v.shape), str(v.dtype)] for k, v in host_batch.items()},
+        'timing': {
+            'init_s': init_s, 'lower_s': lower_s, 'compile_s': compile_s,
+            'first_step_s': first_step_s, 'warmup_steps': args.warmup, 'steps': args.steps,
+            'step': step,
+            'samples_per_s': config.batch_size / med,
+            **usage,
+            'loadavg_1min_before_after': [load_before[0], load_after[0]],
+        },
+        'flops': {
+            'analytic_per_step': analytic,
+            'xla_cost_analysis_per_step': xla.get('flops'),
+            'xla_transcendentals_per_step': xla.get('transcendentals'),
+            'xla_bytes_accessed_per_step': xla.get('bytes accessed'),
+            'hlo_dot_per_step': dots,
+            'analytic_over_xla': analytic / xla['flops'] if xla.get('flops') else None,
+            'analytic_over_hlo_dot': analytic / dots if dots else None,
+            'how': 'analytic: pretrain.flops.train_step_flops(config, fields), matmuls only, '
+                   '2mkn each, backward = 2x forward, attention T^2 terms counted in full (also '
+                   'causal), no element-wise ops, no optimizer. xla: compiled.cost_analysis() '
+                   'of the whole step (all ops) x devices. hlo_dot: 2 * output elements * '
+                   'contracted size over the dot ops of the optimised HLO x devices',
+        },
+        'peak': {
+            'per_device_flops': max(peak_before, peak_after),
+            'per_device_flops_before': peak_before, 'per_device_flops_after': peak_after,
+            'source': peak_source, 'devices': n_dev, 'peak_units': peak_units,
+            'total_flops': peak,
+        },
+        'contended': (usage['others_cpu_utilisation'] or 0) > CONTENDED_ABOVE,
+        'mfu': analytic / med / peak,
+        'hlo_flops_utilisation': dots / med / peak,
+        'achieved_flops_per_s': analytic / med,
+        'memory': {
+            'xla': memory_info(compiled),
+            'process_peak_rss_bytes': (proc_status_kib('VmHWM') or 0) * 1024 or None,
+            'ru_maxrss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        },
+        'hlo_op_histogram': op_histogram(hlo),
+        'last_metrics': last_metrics,
+        'breakdown': parts,
+        'allocator': allocator_info(),
+        'device': {
+            'platform': dev.platform, 'kind': dev.device_kind, 'count': n_dev,
+            'process_count': jax.process_count(), 'mesh': dict(mesh.shape),
+            'cpu_model': cpu_model(), 'cpu_count': os.cpu_count(),
+            'machine': platform.machine(),
+        },
+        'versions': {'jax': jax.__version__, 'jaxlib': _jaxlib_version(), 'flax': flax.__version__,
+                     'python': platform.python_version()},
+        'env': {k: v for k, v in os.environ.items() if k.startswith(('XLA_', 'JAX_'))},
+        'model': config.model.to_dict(),
+        'config': json.loads(config.to_json_best_effort()),
+    }
+    return result
+
+
+def _jaxlib_version():
+    try:
+        import jaxlib
+        return jaxlib.__version__
+    except Exception:
+        return None
+
+
+def compare_malloc(argv: list[str]) -> dict:
+    """Runs this benchmark again with the other allocator setting and returns its JSON.
+
+    From a tuned run the other is PRETRAIN_MALLOC=system (glibc defaults); from a system run,
+    the tuned re-exec.
+    """
+    tuned_now = os.environ.get('PRETRAIN_MALLOC', 'tuned') == 'tuned'
+    with tempfile.TemporaryDirectory() as tmp:
+        sub_out = os.path.join(tmp, 'other.json')
+        cmd = [sys.executable, '-m', 'benchmarks.train_step', *_strip(argv), '--out', sub_out]
+        env = {k: v for k, v in os.environ.items()
+               if k not in ('GLIBC_TUNABLES', 'PRETRAIN_MALLOC_SET')}
+        env['PRETRAIN_MALLOC'] = 'system' if tuned_now else 'tuned'
+        subprocess.run(cmd, env=env, check=True)
+        with open(sub_out) as f:
+            return json.load(f)
+
+
+def _strip(argv):
+    """argv without --out/--compare_malloc (the subprocess gets its own --out)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == '--out':
+            skip = True
+        elif a.startswith('--out=') or a == '--compare_malloc':
+            continue
+        else:
+            out.append(a)
+    return out
+
+
+def headline(r: dict) -> str:
+    t, f = r['timing'], r['flops']
+    ratio = f['analytic_over_xla']
+    return (f"{r['allocator']['kind']}: step {t['step']['median_s']:.3f} s median "
+            f"({t['step']['mean_s']:.3f} mean), {t['samples_per_s']:.1f} samples/s, "
+            f"MFU {100 * r['mfu']:.1f}% of {r['peak']['total_flops'] / 1e9:.0f} GFLOP/s "
+            f"({r['peak']['source']}), {f['analytic_per_step'] / 1e9:.1f} GFLOP analytic vs "
+            f"{(f['xla_cost_analysis_per_step'] or float('nan')) / 1e9:.1f} XLA "
+            f"(ratio {ratio if ratio is None else round(ratio, 3)}), compile {t['compile_s']:.1f} s, "
+            f"{t['minor_faults_per_step']:.0f} page faults/step, "
+            f"CPU: this process {t['cpu_utilisation']:.2f}, others "
+            f"{t['others_cpu_utilisation'] or 0:.2f}")
+
+
+def main(argv=None) -> int:
+    from pretrain import config_cli
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, overrides = parse_args(argv)
+        config_cli.build_config(args.config, overrides)  # fail fast on a bad override
+    except config_cli.ConfigError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    result = run_benchmark(args, overrides)
+    print(headline(result), flush=True)
+    if result['contended']:
+        print(f"warning: other processes used {100 * result['timing']['others_cpu_utilisation']:.0f}% "
+              'of the CPU during the timed steps: these times are not the machine\'s',
+              file=sys.stderr, flush=True)
+    if args.compare_malloc:
+        other = compare_malloc(argv)
+        med, other_med = result['timing']['step']['median_s'], other['timing']['step']['median_s']
+        result['malloc_comparison'] = {
+            'this_run': result['allocator']['kind'],
+            'other_run': other['allocator']['kind'],
+            'other': {k: other[k] for k in ('timing', 'mfu', 'peak', 'memory', 'allocator')},
+            'other_over_this_step_time': other_med / med,
+        }
+        print(f"{other['allocator']['kind']}: step {other_med:.3f} s median, "
+              f'{other_med / med:.2f}x this run', flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+        json.dump(result, f, indent=2)
+    print(f'wrote {args.out}', flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    from pretrain import main as pretrain_main
+    pretrain_main.ensure_fast_malloc()  # the product's allocator (re-execs once)
+    sys.exit(main())
