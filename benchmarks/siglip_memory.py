@@ -67,12 +67,16 @@ def measure(fn, batch: int, embed: int, run: bool) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument('--out', default='benchmarks/results/siglip_memory.json')
     parser.add_argument('--batches', default='1024,2048,4096,8192,16384')
     parser.add_argument('--embed', type=int, default=512)
     parser.add_argument('--chunk_sizes', default='512,1024')
-    parser.add_argument('--time_max_batch', type=int, default=4096, help='run and time batches up to this (0: none)')
+    parser.add_argument(
+        '--time_max_batch', type=int, default=4096, help='run and time batches up to this (0: none)'
+    )
     args = parser.parse_args()
 
     chunk_sizes = [int(c) for c in args.chunk_sizes.split(',')]
@@ -81,12 +85,16 @@ def main():
     rows = []
     for batch in [int(b) for b in args.batches.split(',')]:
         run = batch <= args.time_max_batch
-        rows.append({
-            'batch': batch,
-            'logits_bytes': batch * batch * 4,  # One (B, B) f32 matrix, for scale.
-            'full': measure(full_fn, batch, args.embed, run),
-            'chunked': {str(c): measure(fn, batch, args.embed, run) for c, fn in chunked_fns.items()},
-        })
+        rows.append(
+            {
+                'batch': batch,
+                'logits_bytes': batch * batch * 4,  # One (B, B) f32 matrix, for scale.
+                'full': measure(full_fn, batch, args.embed, run),
+                'chunked': {
+                    str(c): measure(fn, batch, args.embed, run) for c, fn in chunked_fns.items()
+                },
+            }
+        )
 
     result = {
         'benchmark': 'siglip_memory',
@@ -103,15 +111,22 @@ def main():
     with open(args.out, 'w') as f:
         json.dump(result, f, indent=2)
 
-    print(f'SigLIP loss+grad: XLA temp memory in MiB (seconds per call where run), '
-          f'E={args.embed}, f32, {result["backend"]}')
+    print(
+        f'SigLIP loss+grad: XLA temp memory in MiB (seconds per call where run), '
+        f'E={args.embed}, f32, {result["backend"]}'
+    )
     names = ['full'] + [f'chunk {c}' for c in chunk_sizes]
     print(f'{"B":>6}' + ''.join(f'{n:>22}' for n in names))
     for r in rows:
         cells = [r['full']] + [r['chunked'][str(c)] for c in chunk_sizes]
-        print(f'{r["batch"]:>6}' + ''.join(
-            f'{m["temp_bytes"] / MIB:>12.1f}' + (f' ({m["step_s_median"]:.3f} s)' if 'step_s_median' in m else ' ' * 10)
-            for m in cells))
+        print(
+            f'{r["batch"]:>6}'
+            + ''.join(
+                f'{m["temp_bytes"] / MIB:>12.1f}'
+                + (f' ({m["step_s_median"]:.3f} s)' if 'step_s_median' in m else ' ' * 10)
+                for m in cells
+            )
+        )
     print(f'wrote {args.out}')
 
 

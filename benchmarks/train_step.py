@@ -49,21 +49,37 @@ CONTENDED_ABOVE = 0.1  # share of the cores other processes used during the time
 
 def parse_args(argv):
     from pretrain import config_cli
+
     overrides, rest = config_cli.parse_overrides(argv)
-    parser = argparse.ArgumentParser(prog='python -m benchmarks.train_step', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--config', required=True,
-                        help='config file, optionally with :variant, e.g. configs/clip.py:b16')
+    parser = argparse.ArgumentParser(
+        prog='python -m benchmarks.train_step',
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        '--config',
+        required=True,
+        help='config file, optionally with :variant, e.g. configs/clip.py:b16',
+    )
     parser.add_argument('--steps', type=int, default=10, help='timed steps')
-    parser.add_argument('--warmup', type=int, default=2,
-                        help='untimed steps after compile (at least 1: the first step is timed '
-                             'apart as first_step_s)')
+    parser.add_argument(
+        '--warmup',
+        type=int,
+        default=2,
+        help='untimed steps after compile (at least 1: the first step is timed '
+        'apart as first_step_s)',
+    )
     parser.add_argument('--out', default='benchmarks/results/train_step_cpu.json')
-    parser.add_argument('--compare_malloc', action='store_true',
-                        help='also run with the other PRETRAIN_MALLOC setting (a subprocess) '
-                             'and record both')
-    parser.add_argument('--breakdown', action='store_true',
-                        help='also time the forward pass and forward+backward without the update')
+    parser.add_argument(
+        '--compare_malloc',
+        action='store_true',
+        help='also run with the other PRETRAIN_MALLOC setting (a subprocess) ' 'and record both',
+    )
+    parser.add_argument(
+        '--breakdown',
+        action='store_true',
+        help='also time the forward pass and forward+backward without the update',
+    )
     parser.add_argument('--label', default='', help='free text stored in the JSON')
     args = parser.parse_args(rest)
     if args.steps < 1 or args.warmup < 1:
@@ -73,6 +89,7 @@ def parse_args(argv):
 
 # ---------------------------------------------------------------------------------------------
 # Environment facts.
+
 
 def allocator_info() -> dict:
     """Which malloc the process runs with: env knobs and any preloaded allocator library."""
@@ -85,16 +102,27 @@ def allocator_info() -> dict:
                     libs.add(name)
     except OSError:
         pass
-    env = {k: os.environ.get(k) for k in ('PRETRAIN_MALLOC', 'PRETRAIN_MALLOC_SET',
-                                          'GLIBC_TUNABLES', 'LD_PRELOAD', 'MALLOC_CONF')}
+    env = {
+        k: os.environ.get(k)
+        for k in (
+            'PRETRAIN_MALLOC',
+            'PRETRAIN_MALLOC_SET',
+            'GLIBC_TUNABLES',
+            'LD_PRELOAD',
+            'MALLOC_CONF',
+        )
+    }
     if libs:
         kind = 'preloaded ' + ', '.join(sorted(libs))
     elif env['GLIBC_TUNABLES'] and 'mmap_threshold' in env['GLIBC_TUNABLES']:
         kind = 'glibc malloc with GLIBC_TUNABLES (tuned)'
     else:
         kind = 'glibc malloc, defaults (system)'
-    return {'kind': kind, 'preloaded_libs': sorted(libs),
-            'env': {k: v for k, v in env.items() if v is not None}}
+    return {
+        'kind': kind,
+        'preloaded_libs': sorted(libs),
+        'env': {k: v for k, v in env.items() if v is not None},
+    }
 
 
 def cpu_model() -> str | None:
@@ -123,6 +151,7 @@ def proc_status_kib(field: str) -> int | None:
 # ---------------------------------------------------------------------------------------------
 # Batches and FLOPs.
 
+
 def _tokens(rng, shape, length: int) -> np.ndarray:
     """Byte tokens (2..257) of random length, one EOS (1), then padding (0): the tokenizer's
     layout, so EOS pooling and padding masks see what real captions give them."""
@@ -150,17 +179,20 @@ def synthetic_batch(config, fields, *, rows: int, seed: int = 0) -> dict:
         elif field == 'text':
             batch[field] = _tokens(rng, (rows,), inp.context_length)
         elif field == 'texts':
-            batch[field] = _tokens(rng, (rows, inp.num_subcaptions),
-                                   inp.subcaption_context_length)
+            batch[field] = _tokens(rng, (rows, inp.num_subcaptions), inp.subcaption_context_length)
         elif field == 'texts_valid':
             batch[field] = np.ones((rows, inp.num_subcaptions), bool)
         else:
-            raise ValueError(f"the benchmark cannot synthesise batch field '{field}'; it "
-                             'knows image, text, texts, texts_valid')
+            raise ValueError(
+                f"the benchmark cannot synthesise batch field '{field}'; it "
+                'knows image, text, texts, texts_valid'
+            )
     return batch
 
 
-_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]\S*\s+([a-z][\w\-]*)\((.*)$')
+_INSTR = re.compile(
+    r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]\S*\s+([a-z][\w\-]*)\((.*)$'
+)
 
 
 def hlo_dot_flops(hlo_text: str) -> float:
@@ -206,8 +238,7 @@ def cost_flops(compiled) -> dict:
         return {'error': repr(e)}
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
-    return {k: float(cost[k]) for k in ('flops', 'transcendentals', 'bytes accessed')
-            if k in cost}
+    return {k: float(cost[k]) for k in ('flops', 'transcendentals', 'bytes accessed') if k in cost}
 
 
 def memory_info(compiled) -> dict:
@@ -217,8 +248,14 @@ def memory_info(compiled) -> dict:
         return {'error': repr(e)}
     if mem is None:
         return {}
-    names = ('temp_size_in_bytes', 'argument_size_in_bytes', 'output_size_in_bytes',
-             'alias_size_in_bytes', 'generated_code_size_in_bytes', 'peak_memory_in_bytes')
+    names = (
+        'temp_size_in_bytes',
+        'argument_size_in_bytes',
+        'output_size_in_bytes',
+        'alias_size_in_bytes',
+        'generated_code_size_in_bytes',
+        'peak_memory_in_bytes',
+    )
     return {n: int(getattr(mem, n)) for n in names if getattr(mem, n, None) is not None}
 
 
@@ -252,23 +289,29 @@ def timed(fn, n: int) -> tuple[list[float], dict]:
     capacity = wall * (os.cpu_count() or 1)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     # /proc/stat counts in clock ticks (10 ms): over less than a second it says nothing.
-    others = (None if busy0 is None or wall < 1.0
-              else max(0.0, (busy1 - busy0 - cpu) / capacity))
-    return times, {'minor_faults_per_step': (r1.ru_minflt - r0.ru_minflt) / n,
-                   'cpu_s_per_step': cpu / n,
-                   'sys_s_per_step': (r1.ru_stime - r0.ru_stime) / n,
-                   'cpu_utilisation': cpu / capacity,
-                   'others_cpu_utilisation': others}
+    others = None if busy0 is None or wall < 1.0 else max(0.0, (busy1 - busy0 - cpu) / capacity)
+    return times, {
+        'minor_faults_per_step': (r1.ru_minflt - r0.ru_minflt) / n,
+        'cpu_s_per_step': cpu / n,
+        'sys_s_per_step': (r1.ru_stime - r0.ru_stime) / n,
+        'cpu_utilisation': cpu / capacity,
+        'others_cpu_utilisation': others,
+    }
 
 
 def summarise(times: list[float]) -> dict:
-    return {'median_s': float(np.median(times)), 'mean_s': float(np.mean(times)),
-            'min_s': float(np.min(times)), 'max_s': float(np.max(times)),
-            'all_s': [round(t, 5) for t in times]}
+    return {
+        'median_s': float(np.median(times)),
+        'mean_s': float(np.mean(times)),
+        'min_s': float(np.min(times)),
+        'max_s': float(np.max(times)),
+        'all_s': [round(t, 5) for t in times],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # The benchmark.
+
 
 def build(config):
     """(mesh, objective, graphdef, state, shardings, jitted step), as pretrain.train.run does."""
@@ -297,8 +340,10 @@ def breakdown(graphdef, objective, state, batch, mesh, *, steps: int, warmup: in
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
     out = {}
     with jax.set_mesh(mesh):
-        for name, fn in (('forward', jax.jit(loss)),
-                         ('forward_backward', jax.jit(jax.value_and_grad(loss)))):
+        for name, fn in (
+            ('forward', jax.jit(loss)),
+            ('forward_backward', jax.jit(jax.value_and_grad(loss))),
+        ):
             compiled = fn.lower(params, rest, batch).compile()
             run = lambda: jax.block_until_ready(compiled(params, rest, batch))
             for _ in range(warmup):
@@ -319,8 +364,9 @@ def run_benchmark(args, overrides) -> dict:
     init_s = time.perf_counter() - t0
 
     rows = config.batch_size // jax.process_count()
-    host_batch = synthetic_batch(config, objective.fields, rows=rows,
-                                 seed=config.seed + jax.process_index())
+    host_batch = synthetic_batch(
+        config, objective.fields, rows=rows, seed=config.seed + jax.process_index()
+    )
     with jax.set_mesh(mesh):
         batch = sharding.global_batch(host_batch, mesh)
         t0 = time.perf_counter()
@@ -349,12 +395,14 @@ def run_benchmark(args, overrides) -> dict:
         load_before = os.getloadavg()
         times, usage = timed(one_step, args.steps)
         load_after = os.getloadavg()
-        last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()
-                        if np.ndim(v) == 0}
+        last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
 
         peak_after, _ = flops.peak_flops_per_device()
-        parts = (breakdown(graphdef, objective, state, batch, mesh, steps=args.steps,
-                           warmup=args.warmup) if args.breakdown else None)
+        parts = (
+            breakdown(graphdef, objective, state, batch, mesh, steps=args.steps, warmup=args.warmup)
+            if args.breakdown
+            else None
+        )
 
     step = summarise(times)
     n_dev = jax.device_count()
@@ -381,8 +429,12 @@ def run_benchmark(args, overrides) -> dict:
         'batch_size': config.batch_size,
         'batch_shapes': {k: [list(v.shape), str(v.dtype)] for k, v in host_batch.items()},
         'timing': {
-            'init_s': init_s, 'lower_s': lower_s, 'compile_s': compile_s,
-            'first_step_s': first_step_s, 'warmup_steps': args.warmup, 'steps': args.steps,
+            'init_s': init_s,
+            'lower_s': lower_s,
+            'compile_s': compile_s,
+            'first_step_s': first_step_s,
+            'warmup_steps': args.warmup,
+            'steps': args.steps,
             'step': step,
             'samples_per_s': config.batch_size / med,
             **usage,
@@ -397,15 +449,18 @@ def run_benchmark(args, overrides) -> dict:
             'analytic_over_xla': analytic / xla['flops'] if xla.get('flops') else None,
             'analytic_over_hlo_dot': analytic / dots if dots else None,
             'how': 'analytic: pretrain.flops.train_step_flops(config, fields), matmuls only, '
-                   '2mkn each, backward = 2x forward, attention T^2 terms counted in full (also '
-                   'causal), no element-wise ops, no optimizer. xla: compiled.cost_analysis() '
-                   'of the whole step (all ops) x devices. hlo_dot: 2 * output elements * '
-                   'contracted size over the dot ops of the optimised HLO x devices',
+            '2mkn each, backward = 2x forward, attention T^2 terms counted in full (also '
+            'causal), no element-wise ops, no optimizer. xla: compiled.cost_analysis() '
+            'of the whole step (all ops) x devices. hlo_dot: 2 * output elements * '
+            'contracted size over the dot ops of the optimised HLO x devices',
         },
         'peak': {
             'per_device_flops': max(peak_before, peak_after),
-            'per_device_flops_before': peak_before, 'per_device_flops_after': peak_after,
-            'source': peak_source, 'devices': n_dev, 'peak_units': peak_units,
+            'per_device_flops_before': peak_before,
+            'per_device_flops_after': peak_after,
+            'source': peak_source,
+            'devices': n_dev,
+            'peak_units': peak_units,
             'total_flops': peak,
         },
         'contended': (usage['others_cpu_utilisation'] or 0) > CONTENDED_ABOVE,
@@ -422,13 +477,21 @@ def run_benchmark(args, overrides) -> dict:
         'breakdown': parts,
         'allocator': allocator_info(),
         'device': {
-            'platform': dev.platform, 'kind': dev.device_kind, 'count': n_dev,
-            'process_count': jax.process_count(), 'mesh': dict(mesh.shape),
-            'cpu_model': cpu_model(), 'cpu_count': os.cpu_count(),
+            'platform': dev.platform,
+            'kind': dev.device_kind,
+            'count': n_dev,
+            'process_count': jax.process_count(),
+            'mesh': dict(mesh.shape),
+            'cpu_model': cpu_model(),
+            'cpu_count': os.cpu_count(),
             'machine': platform.machine(),
         },
-        'versions': {'jax': jax.__version__, 'jaxlib': _jaxlib_version(), 'flax': flax.__version__,
-                     'python': platform.python_version()},
+        'versions': {
+            'jax': jax.__version__,
+            'jaxlib': _jaxlib_version(),
+            'flax': flax.__version__,
+            'python': platform.python_version(),
+        },
         'env': {k: v for k, v in os.environ.items() if k.startswith(('XLA_', 'JAX_'))},
         'model': config.model.to_dict(),
         'config': json.loads(config.to_json_best_effort()),
@@ -439,6 +502,7 @@ def run_benchmark(args, overrides) -> dict:
 def _jaxlib_version():
     try:
         import jaxlib
+
         return jaxlib.__version__
     except Exception:
         return None
@@ -454,8 +518,11 @@ def compare_malloc(argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         sub_out = os.path.join(tmp, 'other.json')
         cmd = [sys.executable, '-m', 'benchmarks.train_step', *_strip(argv), '--out', sub_out]
-        env = {k: v for k, v in os.environ.items()
-               if k not in ('GLIBC_TUNABLES', 'PRETRAIN_MALLOC_SET')}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ('GLIBC_TUNABLES', 'PRETRAIN_MALLOC_SET')
+        }
         env['PRETRAIN_MALLOC'] = 'system' if tuned_now else 'tuned'
         subprocess.run(cmd, env=env, check=True)
         with open(sub_out) as f:
@@ -480,19 +547,22 @@ def _strip(argv):
 def headline(r: dict) -> str:
     t, f = r['timing'], r['flops']
     ratio = f['analytic_over_xla']
-    return (f"{r['allocator']['kind']}: step {t['step']['median_s']:.3f} s median "
-            f"({t['step']['mean_s']:.3f} mean), {t['samples_per_s']:.1f} samples/s, "
-            f"MFU {100 * r['mfu']:.1f}% of {r['peak']['total_flops'] / 1e9:.0f} GFLOP/s "
-            f"({r['peak']['source']}), {f['analytic_per_step'] / 1e9:.1f} GFLOP analytic vs "
-            f"{(f['xla_cost_analysis_per_step'] or float('nan')) / 1e9:.1f} XLA "
-            f"(ratio {ratio if ratio is None else round(ratio, 3)}), compile {t['compile_s']:.1f} s, "
-            f"{t['minor_faults_per_step']:.0f} page faults/step, "
-            f"CPU: this process {t['cpu_utilisation']:.2f}, others "
-            f"{t['others_cpu_utilisation'] or 0:.2f}")
+    return (
+        f"{r['allocator']['kind']}: step {t['step']['median_s']:.3f} s median "
+        f"({t['step']['mean_s']:.3f} mean), {t['samples_per_s']:.1f} samples/s, "
+        f"MFU {100 * r['mfu']:.1f}% of {r['peak']['total_flops'] / 1e9:.0f} GFLOP/s "
+        f"({r['peak']['source']}), {f['analytic_per_step'] / 1e9:.1f} GFLOP analytic vs "
+        f"{(f['xla_cost_analysis_per_step'] or float('nan')) / 1e9:.1f} XLA "
+        f"(ratio {ratio if ratio is None else round(ratio, 3)}), compile {t['compile_s']:.1f} s, "
+        f"{t['minor_faults_per_step']:.0f} page faults/step, "
+        f"CPU: this process {t['cpu_utilisation']:.2f}, others "
+        f"{t['others_cpu_utilisation'] or 0:.2f}"
+    )
 
 
 def main(argv=None) -> int:
     from pretrain import config_cli
+
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, overrides = parse_args(argv)
@@ -503,9 +573,12 @@ def main(argv=None) -> int:
     result = run_benchmark(args, overrides)
     print(headline(result), flush=True)
     if result['contended']:
-        print(f"warning: other processes used {100 * result['timing']['others_cpu_utilisation']:.0f}% "
-              'of the CPU during the timed steps: these times are not the machine\'s',
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: other processes used {100 * result['timing']['others_cpu_utilisation']:.0f}% "
+            'of the CPU during the timed steps: these times are not the machine\'s',
+            file=sys.stderr,
+            flush=True,
+        )
     if args.compare_malloc:
         other = compare_malloc(argv)
         med, other_med = result['timing']['step']['median_s'], other['timing']['step']['median_s']
@@ -515,8 +588,11 @@ def main(argv=None) -> int:
             'other': {k: other[k] for k in ('timing', 'mfu', 'peak', 'memory', 'allocator')},
             'other_over_this_step_time': other_med / med,
         }
-        print(f"{other['allocator']['kind']}: step {other_med:.3f} s median, "
-              f'{other_med / med:.2f}x this run', flush=True)
+        print(
+            f"{other['allocator']['kind']}: step {other_med:.3f} s median, "
+            f'{other_med / med:.2f}x this run',
+            flush=True,
+        )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
         json.dump(result, f, indent=2)
@@ -526,5 +602,6 @@ def main(argv=None) -> int:
 
 if __name__ == '__main__':
     from pretrain import main as pretrain_main
+
     pretrain_main.ensure_fast_malloc()  # the product's allocator (re-execs once)
     sys.exit(main())

@@ -1,7 +1,7 @@
 """CLIP: softmax image-text contrast over the global batch.
 
-    python -m pretrain.main --config configs/clip.py --workdir /tmp/clip        # CPU, minutes
-    python -m pretrain.main --config configs/clip.py:b16 --workdir gs://...     # ViT-B/16 @ 224
+python -m pretrain.main --config configs/clip.py --workdir /tmp/clip        # CPU, minutes
+python -m pretrain.main --config configs/clip.py:b16 --workdir gs://...     # ViT-B/16 @ 224
 """
 
 from configs import common
@@ -18,9 +18,10 @@ def get_config(arg: str | None = None):
         # tokens hold every shapes caption and 99.4% of its alt-texts.
         config = common.base_config(total_steps=400, batch_size=128)
         config.model = common.model_config(
-                image=common.vit_config('mu', patch=16, image_size=64),
-                text=common.text_config('mu', context_length=80),
-                embed_dim=128)
+            image=common.vit_config('mu', patch=16, image_size=64),
+            text=common.text_config('mu', context_length=80),
+            embed_dim=128,
+        )
         config.optim = common.optim_config(lr=1e-3, warmup_steps=30)
         config.input = common.shapes_input(image_size=64, context_length=80)
         # The four evaluators: ~5.5 s on 2 cores the first time (render + compile), ~1.8 s after.
@@ -31,16 +32,20 @@ def get_config(arg: str | None = None):
         # here 100k steps (3.3B samples) as a real but affordable run.
         config = common.base_config(total_steps=100_000, batch_size=32_768)
         config.model = common.model_config(
-                image=common.vit_config('B', patch=16, image_size=224),
-                text=common.text_config('B', context_length=77),
-                embed_dim=512, dtype='bfloat16', remat='nothing_saveable')
+            image=common.vit_config('B', patch=16, image_size=224),
+            text=common.text_config('B', context_length=77),
+            embed_dim=512,
+            dtype='bfloat16',
+            remat='nothing_saveable',
+        )
         config.optim = common.optim_config(lr=5e-4, warmup_steps=2_000, weight_decay=0.2)
         config.input = common.shapes_input(image_size=224, context_length=77)
         config.checkpoint.every = 1_000
         # Held on every host: ~1.8 GB of 224 px eval images (2k + 2k + 7k + 0.5k scenes).
         config.eval_every = 5_000
-        config.evals = common.evals_config(num_examples=2048, probe_sizes=(4096, 1024, 2048),
-                                           dense_examples=512, batch_size=1024)
+        config.evals = common.evals_config(
+            num_examples=2048, probe_sizes=(4096, 1024, 2048), dense_examples=512, batch_size=1024
+        )
         config.checkpoint.keep_every = 10_000
         config.log_every = 50
     config.objectives = {'clip': {'weight': 1.0}}

@@ -29,16 +29,19 @@ def get_config(arg: str | None = None):
     config.input.subcaption_context_length = 96 if tiny else 77
     if tiny:
         config.input.context_length = 64
-    config.model.text.context_length = max(config.model.text.context_length,
-                                           config.input.subcaption_context_length)
-    config.objectives = {'dreamlip': {
-        'weight': 1.0,
-        'global_loss': 'clip',          # or 'siglip'
-        'clip_weight': 1.0,
-        'multipos_weight': 1.0,
-        'multipos_form': 'infonce',     # the paper's form; 'circle' = the public code's
-        'grouping_weight': 1.0,
-        'threshold': -1.0,              # -1: keep patches at or above the uniform weight 1/N
-        'ignore_duplicates': True,
-    }}
+    config.model.text.context_length = max(
+        config.model.text.context_length, config.input.subcaption_context_length
+    )
+    config.objectives = {
+        'dreamlip': {
+            'weight': 1.0,
+            'global_loss': 'clip',  # or 'siglip'
+            'clip_weight': 1.0,
+            'multipos_weight': 1.0,
+            'multipos_form': 'infonce',  # the paper's form; 'circle' = the public code's
+            'grouping_weight': 1.0,
+            'threshold': -1.0,  # -1: keep patches at or above the uniform weight 1/N
+            'ignore_duplicates': True,
+        }
+    }
     return config

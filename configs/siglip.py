@@ -1,7 +1,7 @@
 """SigLIP: sigmoid image-text contrast; `chunk_size` > 0 keeps loss memory linear in batch.
 
-    python -m pretrain.main --config configs/siglip.py --workdir /tmp/siglip
-    python -m pretrain.main --config configs/siglip.py:b16 --workdir DIR
+python -m pretrain.main --config configs/siglip.py --workdir /tmp/siglip
+python -m pretrain.main --config configs/siglip.py:b16 --workdir DIR
 """
 
 from configs import clip
@@ -19,5 +19,5 @@ def get_config(arg: str | None = None):
     chunk = 0 if config.batch_size <= 4096 else 4096
     config.objectives = {'siglip': {'weight': 1.0, 'chunk_size': chunk}}
     if (arg or 'tiny') == 'b16':
-        config.model.image.pool = 'map'   # SigLIP's MAP head
+        config.model.image.pool = 'map'  # SigLIP's MAP head
     return config

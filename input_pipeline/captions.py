@@ -50,12 +50,45 @@ from input_pipeline import transforms
 # a sentence: titles and Latin / measuring abbreviations that always go on.
 # "etc", "Inc.", "al." are left out on purpose: they often end a sentence, and
 # the next-word rule already keeps "etc. and" together.
-_ABBREVIATIONS = frozenset({
-    'mr', 'mrs', 'ms', 'dr', 'prof', 'sr', 'jr', 'st', 'mt', 'ft', 'rev', 'gen', 'col', 'lt',
-    'capt', 'sgt', 'gov', 'sen', 'rep', 'hon', 'pres',
-    'e.g', 'i.e', 'cf', 'vs', 'viz', 'approx', 'ca', 'incl', 'esp', 'resp', 'dept', 'univ',
-    'ave', 'blvd',
-})
+_ABBREVIATIONS = frozenset(
+    {
+        'mr',
+        'mrs',
+        'ms',
+        'dr',
+        'prof',
+        'sr',
+        'jr',
+        'st',
+        'mt',
+        'ft',
+        'rev',
+        'gen',
+        'col',
+        'lt',
+        'capt',
+        'sgt',
+        'gov',
+        'sen',
+        'rep',
+        'hon',
+        'pres',
+        'e.g',
+        'i.e',
+        'cf',
+        'vs',
+        'viz',
+        'approx',
+        'ca',
+        'incl',
+        'esp',
+        'resp',
+        'dept',
+        'univ',
+        'ave',
+        'blvd',
+    }
+)
 # Abbreviations that are one only before a number ("No. 5", "Fig. 3"); "No. It is
 # blue." still splits.
 _NUMBER_ABBREVIATIONS = frozenset({'no', 'nos', 'fig', 'figs', 'vol', 'p', 'pp', 'eq', 'sec', 'ch'})
@@ -70,7 +103,7 @@ _LINE_END_PUNCT = ('.', '!', '?', '…', ':', ';', '"', '”', '’', ')', ']')
 
 
 def _is_boundary(line: str, match: re.Match) -> bool:
-    rest = line[match.end():].lstrip()
+    rest = line[match.end() :].lstrip()
     if not rest:
         return True  # end of line
     if rest[0].islower():
@@ -78,7 +111,7 @@ def _is_boundary(line: str, match: re.Match) -> bool:
     punct = match.group(0).rstrip('\'"”’»)]')
     if punct != '.':
         return True  # "!", "?", "?!", ellipses
-    words = line[:match.start()].split()
+    words = line[: match.start()].split()
     if not words:
         return True
     word = words[-1].lstrip(_OPENING)
@@ -97,13 +130,18 @@ def _lines(text: str) -> list[str]:
     lines: list[str] = []
     for raw in text.splitlines():
         bullet = _BULLET.match(raw)
-        line = raw[bullet.end():] if bullet else raw
+        line = raw[bullet.end() :] if bullet else raw
         line = ' '.join(line.split())  # collapse tabs and runs of spaces
         if not line:
             lines.append('')  # a blank line ends a paragraph
             continue
-        soft_wrap = (not bullet and lines and lines[-1] and line[0].islower()
-                     and not lines[-1].endswith(_LINE_END_PUNCT))
+        soft_wrap = (
+            not bullet
+            and lines
+            and lines[-1]
+            and line[0].islower()
+            and not lines[-1].endswith(_LINE_END_PUNCT)
+        )
         if soft_wrap:
             lines[-1] = f'{lines[-1]} {line}'
         else:
@@ -122,7 +160,7 @@ def split_sentences(text: str) -> list[str]:
         start = 0
         for match in _TERMINATOR.finditer(line):
             if _is_boundary(line, match):
-                sentences.append(line[start:match.end()].strip())
+                sentences.append(line[start : match.end()].strip())
                 start = match.end()
         sentences.append(line[start:].strip())
     return [s for s in sentences if any(c.isalnum() for c in s)]
@@ -134,8 +172,9 @@ def split_sentences(text: str) -> list[str]:
 FILL_MODES = ('replace', 'pad')
 
 
-def sample_subcaption_indices(num_sentences: int, k: int, rng: np.random.Generator,
-                              fill: str = 'replace') -> tuple[np.ndarray, np.ndarray]:
+def sample_subcaption_indices(
+    num_sentences: int, k: int, rng: np.random.Generator, fill: str = 'replace'
+) -> tuple[np.ndarray, np.ndarray]:
     """(k,) int sentence indices (-1 = padding) and (k,) bool validity.
 
     - n >= k: k distinct sentences (without replacement), in random order.
@@ -157,8 +196,7 @@ def sample_subcaption_indices(num_sentences: int, k: int, rng: np.random.Generat
         extra = rng.integers(num_sentences, size=k - num_sentences)
         index = rng.permutation(np.concatenate([np.arange(num_sentences), extra]))
     else:
-        index = np.concatenate([rng.permutation(num_sentences),
-                                np.full(k - num_sentences, -1)])
+        index = np.concatenate([rng.permutation(num_sentences), np.full(k - num_sentences, -1)])
     index = index.astype(np.int64)
     return index, index >= 0
 
@@ -185,14 +223,17 @@ class SampleSubcaptions(transforms.RandomTransform):
         if self.k < 1:
             raise ValueError(f'SampleSubcaptions: k must be >= 1, got {self.k}')
         if self.fill not in FILL_MODES:
-            raise ValueError(f"SampleSubcaptions: fill must be one of {FILL_MODES}, got {self.fill!r}")
+            raise ValueError(
+                f"SampleSubcaptions: fill must be one of {FILL_MODES}, got {self.fill!r}"
+            )
 
     def __call__(self, record, rng):
         try:
             text = record[self.field]
         except KeyError:
-            raise KeyError(f'SampleSubcaptions: no field {self.field!r}; '
-                           f'record has {sorted(record)}') from None
+            raise KeyError(
+                f'SampleSubcaptions: no field {self.field!r}; ' f'record has {sorted(record)}'
+            ) from None
         if isinstance(text, bytes):
             try:
                 text = text.decode('utf-8')
@@ -216,16 +257,18 @@ class SampleSubcaptions(transforms.RandomTransform):
 # Caption-field choice (quality captions).
 
 
-def check_probabilities(fields_and_probs: Mapping[str, float], what: str = 'caption probabilities'
-                        ) -> dict[str, float]:
+def check_probabilities(
+    fields_and_probs: Mapping[str, float], what: str = 'caption probabilities'
+) -> dict[str, float]:
     """A validated {field: probability} dict; ValueError with the offending values otherwise."""
     probs = {str(k): v for k, v in dict(fields_and_probs).items()}
     if not probs:
         raise ValueError(f'{what}: no fields given')
     for field, p in probs.items():
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 0:
-            raise ValueError(f'{what}: probability of {field!r} must be a finite number >= 0, '
-                             f'got {p!r}')
+            raise ValueError(
+                f'{what}: probability of {field!r} must be a finite number >= 0, ' f'got {p!r}'
+            )
     total = math.fsum(probs.values())
     if abs(total - 1.0) > 1e-6:
         raise ValueError(f'{what} must sum to 1 (within 1e-6), got {total:.8g}: {probs}')

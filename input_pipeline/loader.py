@@ -110,7 +110,8 @@ class Loader:
         if global_batch_size % process_count:
             raise ValueError(
                 f"global_batch_size {global_batch_size} is not divisible by "
-                f"process_count {process_count}")
+                f"process_count {process_count}"
+            )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         if len(source) == 0:
@@ -169,13 +170,15 @@ class Loader:
                 index = (index + 1) % self.num_records
         raise RuntimeError(
             f"{len(bad)} consecutive bad records from index {bad[0][0]}; last error: "
-            f"{bad[-1][1]}. The source or a transform is broken.") from last_error
+            f"{bad[-1][1]}. The source or a transform is broken."
+        ) from last_error
 
     def _build_batch(self, batch: int) -> _Batch:
         records, bad = [], []
         for position in self.positions(batch):
-            record, record_bad = self._read(self.source_index(position),
-                                            position // self.num_records)
+            record, record_bad = self._read(
+                self.source_index(position), position // self.num_records
+            )
             records.append(record)
             bad.extend(record_bad)
         return _Batch(batch_collate(records), bad, len(records) + len(bad))
@@ -183,7 +186,9 @@ class Loader:
     def _start(self, first_batch: int) -> Iterator[_Batch]:
         batches = grain.MapDataset.range(first_batch, first_batch + _HORIZON_BATCHES)
         batches = batches.map(self._build_batch)
-        options = grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=self.prefetch)
+        options = grain.ReadOptions(
+            num_threads=self.num_threads, prefetch_buffer_size=self.prefetch
+        )
         return iter(batches.to_iter_dataset(options))
 
     # -- iteration (runs on the trainer's thread) ----------------------------
@@ -208,10 +213,13 @@ class Loader:
         self.seen += batch.seen
         allowed = self.max_bad_fraction * max(self.seen, self.bad_fraction_min_records)
         if self.skipped > allowed:
-            last = f" (last: source index {batch.bad[-1][0]}, {batch.bad[-1][1]})" if batch.bad else ""
+            last = (
+                f" (last: source index {batch.bad[-1][0]}, {batch.bad[-1][1]})" if batch.bad else ""
+            )
             raise RuntimeError(
                 f"{self.skipped} bad records of {self.seen} read exceed max_bad_fraction="
-                f"{self.max_bad_fraction}{last}")
+                f"{self.max_bad_fraction}{last}"
+            )
 
     # -- state ----------------------------------------------------------------
 
@@ -229,11 +237,15 @@ class Loader:
         """Continues at `state["next_batch"]`; the order it was taken in must match."""
         mine = self.get_state()
         mismatched = {
-            k: (state.get(k), mine[k]) for k in mine if k != "next_batch" and state.get(k) != mine[k]}
+            k: (state.get(k), mine[k])
+            for k in mine
+            if k != "next_batch" and state.get(k) != mine[k]
+        }
         if mismatched:
             raise ValueError(
                 "loader state was saved with a different example order; (saved, now): "
-                f"{mismatched}. Changing these would repeat or skip examples.")
+                f"{mismatched}. Changing these would repeat or skip examples."
+            )
         self.close()
         self._next_batch = int(state["next_batch"])
 
@@ -250,27 +262,10 @@ class Loader:
         self.close()
 
 
-def make_loader(
-    source,
-    transforms: Sequence[transforms_lib.Transform],
-    *,
-    global_batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    shuffle: bool = True,
-    num_threads: int = 2,
-    prefetch: int = 2,
-    max_bad_fraction: float = 0.01,
-    bad_fraction_min_records: int = 1000,
-) -> Loader:
+def make_loader(source, transforms: Sequence[transforms_lib.Transform], **options) -> Loader:
     """A `Loader` over `source` (len + getitem) with `transforms` per record.
 
-    Yields dicts of numpy arrays with `global_batch_size // process_count` rows:
-    this process's slice of each global batch.
+    Yields dicts of numpy arrays with `global_batch_size // process_count` rows: this
+    process's slice of each global batch. `options` are `Loader`'s keyword arguments.
     """
-    return Loader(
-        source, transforms, global_batch_size=global_batch_size, seed=seed,
-        process_index=process_index, process_count=process_count, shuffle=shuffle,
-        num_threads=num_threads, prefetch=prefetch, max_bad_fraction=max_bad_fraction,
-        bad_fraction_min_records=bad_fraction_min_records)
+    return Loader(source, transforms, **options)

@@ -25,8 +25,13 @@ CAPTION_FIELDS = ('text', 'texts', 'texts_valid')
 
 # `input` keys added after configs were first written; configs without them (e.g. a
 # config.json of an older run) get the behaviour they had.
-_DEFAULTS = dict(caption_probs={}, subcaption_field='long_caption', num_subcaptions=6,
-                 subcaption_context_length=128, subcaption_fill='replace')
+_DEFAULTS = dict(
+    caption_probs={},
+    subcaption_field='long_caption',
+    num_subcaptions=6,
+    subcaption_context_length=128,
+    subcaption_fill='replace',
+)
 
 
 def _get(input_config, key):
@@ -37,9 +42,12 @@ def make_source(input_config, *, split: str = 'train', seed: int = 0):
     if input_config.source != 'shapes':
         raise ValueError(f"unknown input.source '{input_config.source}'; valid: shapes")
     return shapes.ShapesSource(
-            split=split, seed=seed, image_size=input_config.image_size,
-            max_objects=input_config.max_objects,
-            num_records=input_config.epoch_size if split == 'train' else None)
+        split=split,
+        seed=seed,
+        image_size=input_config.image_size,
+        max_objects=input_config.max_objects,
+        num_records=input_config.epoch_size if split == 'train' else None,
+    )
 
 
 def make_tokenizer(input_config):
@@ -73,9 +81,11 @@ def record_transforms(input_config, fields) -> list:
     """Builds `text` / `texts` / `texts_valid` as asked, then keeps only `fields`."""
     unknown = sorted(set(fields) - set(RECORD_FIELDS) - set(CAPTION_FIELDS))
     if unknown:
-        raise ValueError(f'objectives ask for batch fields {unknown} that input '
-                         f"'{input_config.source}' cannot build; it builds: "
-                         f"{', '.join(RECORD_FIELDS + CAPTION_FIELDS)}")
+        raise ValueError(
+            f'objectives ask for batch fields {unknown} that input '
+            f"'{input_config.source}' cannot build; it builds: "
+            f"{', '.join(RECORD_FIELDS + CAPTION_FIELDS)}"
+        )
     steps = []
     if 'text' in fields:
         probs = caption_probs(input_config)
@@ -87,12 +97,16 @@ def record_transforms(input_config, fields) -> list:
             field = choice.out_key
         steps.append(transforms.Tokenize(field, make_tokenizer(input_config), out_key='text'))
     if {'texts', 'texts_valid'} & set(fields):
-        steps.append(captions.SampleSubcaptions(
+        steps.append(
+            captions.SampleSubcaptions(
                 tokenizer=tokenizers.ByteTokenizer(_get(input_config, 'subcaption_context_length')),
                 k=_get(input_config, 'num_subcaptions'),
                 field=_get(input_config, 'subcaption_field'),
                 fill=_get(input_config, 'subcaption_fill'),
-                out_key='texts', valid_key='texts_valid'))
+                out_key='texts',
+                valid_key='texts_valid',
+            )
+        )
     steps.append(transforms.SelectFields(tuple(fields)))
     return steps
 
@@ -105,8 +119,10 @@ def check_record_fields(source, names, *, source_name: str) -> None:
     missing = [n for n in names if n not in record]
     if missing:
         text_like = sorted(k for k, v in record.items() if isinstance(v, (str, bytes)))
-        raise ValueError(f"input names caption field(s) {missing} that '{source_name}' records "
-                         f"do not have; their text fields: {', '.join(text_like)}")
+        raise ValueError(
+            f"input names caption field(s) {missing} that '{source_name}' records "
+            f"do not have; their text fields: {', '.join(text_like)}"
+        )
 
 
 def train_loader(config, *, fields, process_index: int = 0, process_count: int = 1):
@@ -115,8 +131,13 @@ def train_loader(config, *, fields, process_index: int = 0, process_count: int =
     steps = record_transforms(inp, fields)  # validates fields and probabilities first
     check_record_fields(source, caption_source_fields(inp, fields), source_name=inp.source)
     return loader_lib.make_loader(
-            source, steps,
-            global_batch_size=config.batch_size, seed=config.seed,
-            process_index=process_index, process_count=process_count,
-            num_threads=inp.num_threads, prefetch=inp.prefetch,
-            max_bad_fraction=inp.max_bad_fraction)
+        source,
+        steps,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        process_index=process_index,
+        process_count=process_count,
+        num_threads=inp.num_threads,
+        prefetch=inp.prefetch,
+        max_bad_fraction=inp.max_bad_fraction,
+    )

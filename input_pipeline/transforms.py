@@ -90,7 +90,9 @@ class Tokenize:
         try:
             text = record[self.field]
         except KeyError:
-            raise KeyError(f"Tokenize: no field {self.field!r}; record has {sorted(record)}") from None
+            raise KeyError(
+                f"Tokenize: no field {self.field!r}; record has {sorted(record)}"
+            ) from None
         try:
             ids = self.tokenizer.tokenize(text)
         except ValueError as e:
@@ -111,8 +113,12 @@ class SelectFields:
         return {k: record[k] for k in self.keys}
 
 
-def apply(transforms: Sequence[Transform | RandomTransform], record: Record, *,
-          rng_key: Sequence[int] | None = None) -> Record:
+def apply(
+    transforms: Sequence[Transform | RandomTransform],
+    record: Record,
+    *,
+    rng_key: Sequence[int] | None = None,
+) -> Record:
     """Applies `transforms` in order.
 
     `rng_key` (the loader passes (seed, epoch, source index)) seeds every
@@ -122,8 +128,10 @@ def apply(transforms: Sequence[Transform | RandomTransform], record: Record, *,
     for transform in transforms:
         if isinstance(transform, RandomTransform):
             if rng_key is None:
-                raise ValueError(f"{transform!r} draws random numbers: pass "
-                                 "apply(..., rng_key=(seed, epoch, index))")
+                raise ValueError(
+                    f"{transform!r} draws random numbers: pass "
+                    "apply(..., rng_key=(seed, epoch, index))"
+                )
             record = transform(record, record_rng(rng_key, transform.rng_stream))
         else:
             record = transform(record)

@@ -19,30 +19,39 @@ class Checkpointer:
 
     def __init__(self, workdir: str, config):
         options = ocp.CheckpointManagerOptions(
-                max_to_keep=config.keep,
-                keep_period=config.keep_every or None,
-                enable_async_checkpointing=config.async_save,
-                create=True,
+            max_to_keep=config.keep,
+            keep_period=config.keep_every or None,
+            enable_async_checkpointing=config.async_save,
+            create=True,
         )
         self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                                                                  item_names=('state', 'data', 'config'))
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=('state', 'data', 'config')
+        )
         self.every = config.every
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, config_json: dict, *, force=False) -> bool:
-        return self.manager.save(step, force=force, args=ocp.args.Composite(
+        return self.manager.save(
+            step,
+            force=force,
+            args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave(data_state),
-                config=ocp.args.JsonSave(config_json)))
+                config=ocp.args.JsonSave(config_json),
+            ),
+        )
 
     def restore(self, step: int, abstract_state):
         """`abstract_state`: ShapeDtypeStructs with the shardings to restore onto."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            ),
+        )
         return restored['state'], restored['data']
 
     def wait(self):
@@ -54,8 +63,9 @@ class Checkpointer:
 
 
 def abstract_like(state, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                            state, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )
 
 
 class StopSignal:

@@ -23,11 +23,14 @@ def load_config_file(spec: str) -> ConfigDict:
     path, _, arg = spec.partition(':')
     if not os.path.isfile(path):
         here = os.path.dirname(path) or '.'
-        choices = sorted(f for f in os.listdir(here) if f.endswith('.py')) if os.path.isdir(here) else []
+        choices = (
+            sorted(f for f in os.listdir(here) if f.endswith('.py')) if os.path.isdir(here) else []
+        )
         hint = f"; files in {here}: {', '.join(choices)}" if choices else ''
         raise ConfigError(f"config file '{path}' does not exist{hint}")
     module_spec = importlib.util.spec_from_file_location(
-            f'_config_{os.path.basename(path)[:-3]}', path)
+        f'_config_{os.path.basename(path)[:-3]}', path
+    )
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, 'get_config'):
@@ -74,16 +77,24 @@ def apply_override(config: ConfigDict, key: str, text: str):
         if not isinstance(node, ConfigDict) or part not in node:
             valid = flat_keys(config)
             close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
-            hint = f"; did you mean {' or '.join(close)}?" if close else (
+            hint = (
+                f"; did you mean {' or '.join(close)}?"
+                if close
+                else (
                     f"; valid keys here: {', '.join(sorted(node.keys()))}"
-                    if isinstance(node, ConfigDict) else '')
+                    if isinstance(node, ConfigDict)
+                    else ''
+                )
+            )
             raise ConfigError(f"unknown config key '{key}'{hint}")
         if i < len(parents):
             node = node[part]
     old = node[leaf]
     if isinstance(old, ConfigDict):
-        raise ConfigError(f"config key '{key}' is a group; set one of its fields: "
-                                            f"{', '.join(sorted(old.keys()))}")
+        raise ConfigError(
+            f"config key '{key}' is a group; set one of its fields: "
+            f"{', '.join(sorted(old.keys()))}"
+        )
     try:
         value = _parse_value(text, old)
     except ValueError as e:
@@ -98,7 +109,7 @@ def parse_overrides(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
     while i < len(argv):
         arg = argv[i]
         if arg.startswith('--config.'):
-            body = arg[len('--config.'):]
+            body = arg[len('--config.') :]
             if '=' in body:
                 key, value = body.split('=', 1)
             elif i + 1 < len(argv):

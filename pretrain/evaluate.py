@@ -24,9 +24,13 @@ class EvalError(RuntimeError):
 
 def parse_args(argv):
     from pretrain import config_cli
+
     overrides, rest = config_cli.parse_overrides(argv)
-    parser = argparse.ArgumentParser(prog='python -m pretrain.evaluate', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog='python -m pretrain.evaluate',
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument('--config', required=True, help='the training config, e.g. configs/clip.py')
     parser.add_argument('--workdir', required=True, help='the training workdir (checkpoints/)')
     parser.add_argument('--step', type=int, help='checkpoint step (default: the latest)')
@@ -42,8 +46,11 @@ def checkpoint_steps(workdir: str) -> list[int]:
     if not os.path.isdir(workdir):
         raise EvalError(f"workdir '{workdir}' does not exist")
     ckpt_dir = os.path.join(workdir, 'checkpoints')
-    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) \
-        if os.path.isdir(ckpt_dir) else []
+    steps = (
+        sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+        if os.path.isdir(ckpt_dir)
+        else []
+    )
     if not steps:
         raise EvalError(f"no checkpoint in '{ckpt_dir}'; train first (python -m pretrain.main)")
     return steps
@@ -54,14 +61,17 @@ def restore_model(config, workdir: str, step: int, mesh):
     from flax import nnx
 
     from pretrain import checkpoint, train
+
     graphdef, abstract_state, _ = train.abstract_train_state(config, mesh)
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     try:
         state, _ = ckpt.restore(step, abstract_state)
     except (ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EvalError(f'checkpoint {step} in {ckpt.directory} does not fit this config '
-                        f'(pass the training overrides too): {first}') from None
+        raise EvalError(
+            f'checkpoint {step} in {ckpt.directory} does not fit this config '
+            f'(pass the training overrides too): {first}'
+        ) from None
     finally:
         ckpt.close()
     model, _ = nnx.merge(graphdef, state)
@@ -85,8 +95,9 @@ def evaluate(config, workdir: str, *, step: int | None = None, only=None) -> dic
     steps = checkpoint_steps(workdir)
     step = steps[-1] if step is None else step
     if step not in steps:
-        raise EvalError(f"no checkpoint for step {step} in '{workdir}'; have: "
-                        f"{', '.join(map(str, steps))}")
+        raise EvalError(
+            f"no checkpoint for step {step} in '{workdir}'; have: " f"{', '.join(map(str, steps))}"
+        )
     try:
         evaluators = build_evaluators(config, only)
     except (ValueError, NotImplementedError) as e:
@@ -108,6 +119,7 @@ def evaluate(config, workdir: str, *, step: int | None = None, only=None) -> dic
 def main(argv=None) -> int:
     from pretrain import config_cli
     from pretrain.main import maybe_initialize_distributed
+
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, overrides = parse_args(argv)
@@ -129,5 +141,6 @@ def main(argv=None) -> int:
 
 if __name__ == '__main__':
     from pretrain.main import ensure_fast_malloc
+
     ensure_fast_malloc()
     sys.exit(main())

@@ -22,21 +22,25 @@ def transformer_forward(tokens: int, width: int, depth: int, mlp_ratio: float) -
     return t * depth * per_token_layer
 
 
-def image_text_forward(model_config, *, image_size: int | None = None,
-                                              text_length: int | None = None) -> float:
+def image_text_forward(
+    model_config, *, image_size: int | None = None, text_length: int | None = None
+) -> float:
     """Forward FLOPs of one image + one caption through ImageTextModel."""
     img, txt = model_config.image, model_config.text
     image_size = image_size or img.image_size
     text_length = text_length or txt.context_length
     patches = (image_size // img.patch) ** 2
     tokens = patches + (1 if img.pool == 'cls' else 0)
-    flops = 2 * patches * (img.patch * img.patch * 3) * img.width        # patch embedding
+    flops = 2 * patches * (img.patch * img.patch * 3) * img.width  # patch embedding
     flops += transformer_forward(tokens, img.width, img.depth, img.mlp_ratio)
     if img.pool == 'map':  # probe attention + its mlp on one token
-        flops += 2 * (img.width ** 2 * (1 + 2 * tokens + 1) + 2 * tokens * img.width
-                                    + 2 * img.width * img.width * img.mlp_ratio)
+        flops += 2 * (
+            img.width**2 * (1 + 2 * tokens + 1)
+            + 2 * tokens * img.width
+            + 2 * img.width * img.width * img.mlp_ratio
+        )
     flops += transformer_forward(text_length, txt.width, txt.depth, txt.mlp_ratio)
-    flops += 2 * (img.width + txt.width) * model_config.embed_dim       # projections
+    flops += 2 * (img.width + txt.width) * model_config.embed_dim  # projections
     return flops
 
 
@@ -51,18 +55,24 @@ def train_step_flops(config, fields=('image', 'text')) -> float:
     per_example = image_text_forward(config.model, text_length=inp.context_length)
     if 'texts' in fields:
         per_example += inp.num_subcaptions * (
-            transformer_forward(inp.subcaption_context_length, txt.width, txt.depth,
-                                txt.mlp_ratio)
-            + 2 * txt.width * config.model.embed_dim)
+            transformer_forward(inp.subcaption_context_length, txt.width, txt.depth, txt.mlp_ratio)
+            + 2 * txt.width * config.model.embed_dim
+        )
     logits = 2 * batch * batch * config.model.embed_dim  # B x B similarity of the losses
     return 3 * (batch * per_example + logits)
 
 
 # bf16 dense peak per chip (vendor datasheets, no sparsity).
 PEAK_FLOPS = {
-        'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12,
-        'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
-        'TPU v6 lite': 918e12,
+    'H100': 989e12,
+    'H200': 989e12,
+    'A100': 312e12,
+    'L4': 121e12,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12,
 }
 
 
@@ -76,7 +86,7 @@ def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
         t0 = time.perf_counter()
         mm(a, a).block_until_ready()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def peak_flops_per_device(device=None) -> tuple[float, str]:

@@ -21,15 +21,21 @@ import sys
 # No extra package is needed (measured in benchmarks/README.md: ViT-Ti step 1.45 s -> 1.00 s).
 # Tunables only take effect at process start, hence the re-exec below;
 # PRETRAIN_MALLOC=system keeps the process as it is.
-GLIBC_TUNABLES = ('glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4294967296:'
-                                    'glibc.malloc.trim_threshold=4294967296')
+GLIBC_TUNABLES = (
+    'glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4294967296:'
+    'glibc.malloc.trim_threshold=4294967296'
+)
 _REEXEC_MARK = 'PRETRAIN_MALLOC_SET'
 
 
 def ensure_fast_malloc():
     """Re-executes this process once with the malloc tunables set (Linux, glibc only)."""
-    if (os.environ.get('PRETRAIN_MALLOC', 'tuned') != 'tuned' or os.environ.get(_REEXEC_MARK)
-            or not sys.platform.startswith('linux') or 'LD_PRELOAD' in os.environ):
+    if (
+        os.environ.get('PRETRAIN_MALLOC', 'tuned') != 'tuned'
+        or os.environ.get(_REEXEC_MARK)
+        or not sys.platform.startswith('linux')
+        or 'LD_PRELOAD' in os.environ
+    ):
         return
     env = dict(os.environ, **{_REEXEC_MARK: '1'})
     existing = env.get('GLIBC_TUNABLES')
@@ -41,13 +47,21 @@ def ensure_fast_malloc():
 
 def parse_args(argv):
     from pretrain import config_cli
+
     overrides, rest = config_cli.parse_overrides(argv)
-    parser = argparse.ArgumentParser(prog='python -m pretrain.main', description=__doc__,
-                                                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--config', required=True,
-                                            help='config file, optionally with :variant, e.g. configs/clip.py:b16')
-    parser.add_argument('--workdir', required=True,
-                                            help='where metrics, config.json and checkpoints go')
+    parser = argparse.ArgumentParser(
+        prog='python -m pretrain.main',
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        '--config',
+        required=True,
+        help='config file, optionally with :variant, e.g. configs/clip.py:b16',
+    )
+    parser.add_argument(
+        '--workdir', required=True, help='where metrics, config.json and checkpoints go'
+    )
     parser.add_argument('--coordinator', help='host:port of process 0 (multi-process runs)')
     parser.add_argument('--num_processes', type=int)
     parser.add_argument('--process_id', type=int)
@@ -58,18 +72,25 @@ def parse_args(argv):
 def maybe_initialize_distributed(args):
     """Multi-process JAX from explicit flags or a cluster environment JAX recognises."""
     import jax
+
     explicit = args.coordinator is not None
-    cluster = any(os.environ.get(v) for v in ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES')) \
-            or int(os.environ.get('SLURM_NTASKS', '1')) > 1
+    cluster = (
+        any(os.environ.get(v) for v in ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES'))
+        or int(os.environ.get('SLURM_NTASKS', '1')) > 1
+    )
     if explicit:
-        jax.distributed.initialize(coordinator_address=args.coordinator,
-                                                              num_processes=args.num_processes, process_id=args.process_id)
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
     elif cluster:
         jax.distributed.initialize()
 
 
 def main(argv=None) -> int:
     from pretrain import config_cli
+
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, overrides = parse_args(argv)
@@ -84,6 +105,7 @@ def main(argv=None) -> int:
     maybe_initialize_distributed(args)
 
     from pretrain import train
+
     try:
         train.run(config, args.workdir)
     except train.NonFiniteLoss as e:

@@ -31,6 +31,7 @@ class MetricWriter:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
             from tensorboardX import SummaryWriter  # heavy import only where it is used
+
             self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
 
     def write(self, step: int, metrics: dict):
@@ -38,8 +39,10 @@ class MetricWriter:
             return
         row = {'step': int(step), **{k: _scalar(v) for k, v in metrics.items()}}
         # json would write NaN as a bare token that strict parsers reject; null is standard.
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                          for k, v in row.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in row.items()
+        }
         self._jsonl.write(json.dumps(clean) + '\n')
         self._jsonl.flush()
         for k, v in row.items():
@@ -69,12 +72,21 @@ class Throughput:
         out = {}
         if self._t is not None and step > self._step:
             dt = (now - self._t) / (step - self._step)
-            out = {'perf/step_time_s': dt, 'perf/samples_per_s': self.batch_size / dt,
-                          'perf/mfu': self.flops_per_step / dt / self.peak}
+            out = {
+                'perf/step_time_s': dt,
+                'perf/samples_per_s': self.batch_size / dt,
+                'perf/mfu': self.flops_per_step / dt / self.peak,
+            }
         self._t, self._step = now, step
         return out
 
 
 def progress_bar(*, start: int, total: int, enabled: bool):
-    return tqdm.tqdm(total=total, initial=start, disable=not enabled, unit='step',
-                                      dynamic_ncols=True, smoothing=0.1)
+    return tqdm.tqdm(
+        total=total,
+        initial=start,
+        disable=not enabled,
+        unit='step',
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )

@@ -23,8 +23,10 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
     """Axis sizes from the config; one axis may be -1, meaning all remaining devices."""
     sizes = [int(mesh_config[a]) for a in AXES]
     if any(s != -1 and s < 1 for s in sizes):
-        raise ValueError(f'mesh: each axis size must be -1 or a positive integer, got '
-                         f'{dict(zip(AXES, sizes))}')
+        raise ValueError(
+            f'mesh: each axis size must be -1 or a positive integer, got '
+            f'{dict(zip(AXES, sizes))}'
+        )
     if sizes.count(-1) > 1:
         raise ValueError(f'mesh: at most one axis may be -1, got {dict(zip(AXES, sizes))}')
     known = math.prod(s for s in sizes if s != -1)
@@ -33,8 +35,10 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
             raise ValueError(f'mesh {dict(zip(AXES, sizes))} does not divide {num_devices} devices')
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(f'mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, '
-                                          f'{num_devices} are present')
+        raise ValueError(
+            f'mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, '
+            f'{num_devices} are present'
+        )
     return tuple(sizes)
 
 
@@ -42,8 +46,9 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(mesh_config, len(devices))
     # Auto axes: with jax's default Explicit axes the ViT patchify reshape fails (DESIGN.md).
-    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
-                                              devices=devices)
+    return jax.make_mesh(
+        shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices
+    )
 
 
 def _fit(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
@@ -64,8 +69,11 @@ def state_shardings(abstract_state, mesh, rules):
     with nnx.logical_axis_rules(rules):
         specs = nnx.get_partition_spec(abstract_state)
     return jax.tree.map(
-            lambda spec, leaf: NamedSharding(mesh, _fit(spec, leaf.shape, mesh)),
-            specs, abstract_state, is_leaf=lambda x: isinstance(x, P))
+        lambda spec, leaf: NamedSharding(mesh, _fit(spec, leaf.shape, mesh)),
+        specs,
+        abstract_state,
+        is_leaf=lambda x: isinstance(x, P),
+    )
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -83,5 +91,7 @@ def global_batch(local_batch: dict, mesh) -> dict:
     is what make_array_from_process_local_data assembles.
     """
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-                    for k, v in local_batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local_batch.items()
+    }

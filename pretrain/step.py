@@ -16,10 +16,12 @@ def microbatches(batch: dict, n: int) -> dict:
     Strided rather than contiguous so that every micro-batch is spread over all devices of
     the (data, fsdp) axes: each device keeps working on its own rows.
     """
+
     def split(x):
         if x.shape[0] % n:
             raise ValueError(f'batch of {x.shape[0]} does not split into {n} micro-batches')
         return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+
     return jax.tree.map(split, batch)
 
 
@@ -50,20 +52,27 @@ def make_train_step(graphdef, objective, *, lr_schedule, seed: int, grad_accum: 
         if grad_accum == 1:
             (loss, metrics), grads = grad_fn(params, batch, rng)
         else:
+
             def accumulate(carry, xs):
                 i, micro = xs
                 out = grad_fn(params, micro, jax.random.fold_in(rng, i))
                 return jax.tree.map(jnp.add, carry, out), None
+
             micro = microbatches(batch, grad_accum)
-            zeros = jax.tree.map(jnp.zeros_like,
-                                                      jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro),
-                                                                                    rng))
+            zeros = jax.tree.map(
+                jnp.zeros_like,
+                jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng),
+            )
             total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
             (loss, metrics), grads = jax.tree.map(lambda x: x / grad_accum, total)
 
         optimizer.update(model, grads)
-        metrics = {**metrics, 'loss': loss, 'grad_norm': optax.global_norm(grads),
-                              'lr': lr_schedule(step)}
+        metrics = {
+            **metrics,
+            'loss': loss,
+            'grad_norm': optax.global_norm(grads),
+            'lr': lr_schedule(step),
+        }
         return nnx.split((model, optimizer))[1], metrics
 
     return train_step
@@ -76,10 +85,16 @@ def jit_train_step(config, graphdef, objective, shardings, mesh):
     replicated leaves back with another sharding and step 2 would recompile (DESIGN.md).
     The state is donated, so params and optimizer moments are updated in place.
     """
-    step_fn = make_train_step(graphdef, objective,
-                              lr_schedule=optim.schedule(config.optim, config.total_steps),
-                              seed=config.seed, grad_accum=config.grad_accum)
-    return jax.jit(step_fn,
-                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(shardings, sharding.replicated(mesh)),
-                   donate_argnums=0)
+    step_fn = make_train_step(
+        graphdef,
+        objective,
+        lr_schedule=optim.schedule(config.optim, config.total_steps),
+        seed=config.seed,
+        grad_accum=config.grad_accum,
+    )
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )

@@ -37,6 +37,7 @@ class Hook:
 
     `fn` may return a dict of metrics; the loop writes one row per step from all of them.
     """
+
     name: str
     every: int
     fn: Callable[[int], None]
@@ -93,9 +94,12 @@ def run(config, workdir: str) -> dict:
 
     mesh = sharding.make_mesh(config.mesh)
     objective = compose.build_objective(config.objectives)
-    loader = pipeline.train_loader(config, fields=objective.fields,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+    loader = pipeline.train_loader(
+        config,
+        fields=objective.fields,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     writer = metrics_lib.MetricWriter(workdir)
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     stop = checkpoint.StopSignal()
@@ -119,10 +123,12 @@ def run(config, workdir: str) -> dict:
             flops_per_step=flops.train_step_flops(config, objective.fields),
             # On CPU the measured matmul rate is the whole host's, whatever the number of
             # virtual devices; accelerator peaks are per chip.
-            peak_flops=peak * (jax.process_count() if jax.default_backend() == 'cpu'
-                               else jax.device_count()))
-        bar = metrics_lib.progress_bar(start=start, total=total,
-                                       enabled=is_main and config.progress)
+            peak_flops=peak
+            * (jax.process_count() if jax.default_backend() == 'cpu' else jax.device_count()),
+        )
+        bar = metrics_lib.progress_bar(
+            start=start, total=total, enabled=is_main and config.progress
+        )
         last_metrics: dict = {}
 
         def log_metrics(step):
@@ -145,9 +151,11 @@ def run(config, workdir: str) -> dict:
             model, _ = nnx.merge(graphdef, state)
             return run_evaluators(evaluators, model)
 
-        hooks = [Hook('log', config.log_every, log_metrics),
-                 Hook('eval', config.eval_every if evaluators else 0, evaluate),
-                 Hook('checkpoint', config.checkpoint.every, save)]
+        hooks = [
+            Hook('log', config.log_every, log_metrics),
+            Hook('eval', config.eval_every if evaluators else 0, evaluate),
+            Hook('checkpoint', config.checkpoint.every, save),
+        ]
         p0, pn = config.profile.start_step, config.profile.num_steps
         profiling = is_main and p0 > 0
 
@@ -194,14 +202,22 @@ def run(config, workdir: str) -> dict:
     ckpt.close()
     writer.close()
     stop.restore()
-    summary = {'status': status, 'step': step, 'steps_run': step - start,
-               'wall_s': time.perf_counter() - t_start,
-               'loss': float(last_metrics['loss']) if last_metrics else float('nan'),
-               'checkpoint': ckpt.directory, 'mfu_peak': peak_source}
+    summary = {
+        'status': status,
+        'step': step,
+        'steps_run': step - start,
+        'wall_s': time.perf_counter() - t_start,
+        'loss': float(last_metrics['loss']) if last_metrics else float('nan'),
+        'checkpoint': ckpt.directory,
+        'mfu_peak': peak_source,
+    }
     if is_main:
-        print(f"{status}: step {step}/{total}, {summary['steps_run']} steps in "
-              f"{summary['wall_s']:.0f}s, loss {summary['loss']:.4f}, "
-              f"checkpoints in {ckpt.directory}", flush=True)
+        print(
+            f"{status}: step {step}/{total}, {summary['steps_run']} steps in "
+            f"{summary['wall_s']:.0f}s, loss {summary['loss']:.4f}, "
+            f"checkpoints in {ckpt.directory}",
+            flush=True,
+        )
     return summary
 
 
@@ -212,4 +228,5 @@ def _check(step, device_metrics, last_good, ckpt):
         raise NonFiniteLoss(
             f"non-finite loss at step {step} (loss={float(host['loss'])}, "
             f"grad_norm={float(host['grad_norm'])}); last good checkpoint: "
-            + (f'step {last_good} in {ckpt.directory}' if last_good else 'none written'))
+            + (f'step {last_good} in {ckpt.directory}' if last_good else 'none written')
+        )

@@ -14,11 +14,19 @@ def run_python(args, *, env=None, timeout=600, devices=None, check=True):
     if devices:
         full_env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
     full_env.update(env or {})
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True,
-                                                text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f'exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n'
-                                                  f'stderr:\n{proc.stderr[-4000:]}')
+        raise AssertionError(
+            f'exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n'
+            f'stderr:\n{proc.stderr[-4000:]}'
+        )
     return proc
 
 
@@ -29,10 +37,19 @@ def python():
 
 # A model small enough that a train step takes milliseconds; used by the CLI tests.
 TINY = [
-        '--config.batch_size=16', '--config.model.image.depth=1', '--config.model.text.depth=1',
-        '--config.model.image.width=32', '--config.model.text.width=32',
-        '--config.model.image.heads=2', '--config.model.text.heads=2', '--config.model.embed_dim=16',
-        '--config.input.image_size=32', '--config.model.image.image_size=32',
-        '--config.input.context_length=32', '--config.model.text.context_length=32',
-        '--config.optim.warmup_steps=2', '--config.progress=false', '--config.eval_every=0',
+    '--config.batch_size=16',
+    '--config.model.image.depth=1',
+    '--config.model.text.depth=1',
+    '--config.model.image.width=32',
+    '--config.model.text.width=32',
+    '--config.model.image.heads=2',
+    '--config.model.text.heads=2',
+    '--config.model.embed_dim=16',
+    '--config.input.image_size=32',
+    '--config.model.image.image_size=32',
+    '--config.input.context_length=32',
+    '--config.model.text.context_length=32',
+    '--config.optim.warmup_steps=2',
+    '--config.progress=false',
+    '--config.eval_every=0',
 ]

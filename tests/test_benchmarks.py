@@ -17,19 +17,40 @@ from benchmarks import train_step as bench  # noqa: E402
 
 # One block of width 32 per tower, batch 8, 32 px images and 32-token captions.
 TINY_BENCH = [
-    '--config.batch_size=8', '--config.model.image.depth=1', '--config.model.text.depth=1',
-    '--config.model.image.width=32', '--config.model.text.width=32',
-    '--config.model.image.heads=2', '--config.model.text.heads=2', '--config.model.embed_dim=16',
-    '--config.input.image_size=32', '--config.model.image.image_size=32',
-    '--config.input.context_length=32', '--config.model.text.context_length=32',
+    '--config.batch_size=8',
+    '--config.model.image.depth=1',
+    '--config.model.text.depth=1',
+    '--config.model.image.width=32',
+    '--config.model.text.width=32',
+    '--config.model.image.heads=2',
+    '--config.model.text.heads=2',
+    '--config.model.embed_dim=16',
+    '--config.input.image_size=32',
+    '--config.model.image.image_size=32',
+    '--config.input.context_length=32',
+    '--config.model.text.context_length=32',
 ]
 
 
 def test_train_step_benchmark_writes_sane_json(python, tmp_path):
     out = tmp_path / 'bench.json'
-    python(['-m', 'benchmarks.train_step', '--config', 'configs/clip.py', *TINY_BENCH,
-            '--steps', '2', '--warmup', '1', '--out', str(out)],
-           timeout=120, env={'PRETRAIN_MALLOC': 'tuned'})
+    python(
+        [
+            '-m',
+            'benchmarks.train_step',
+            '--config',
+            'configs/clip.py',
+            *TINY_BENCH,
+            '--steps',
+            '2',
+            '--warmup',
+            '1',
+            '--out',
+            str(out),
+        ],
+        timeout=120,
+        env={'PRETRAIN_MALLOC': 'tuned'},
+    )
     r = json.loads(out.read_text())
     t, f = r['timing'], r['flops']
     assert len(t['step']['all_s']) == 2
@@ -47,7 +68,9 @@ def test_train_step_benchmark_writes_sane_json(python, tmp_path):
     assert r['model']['image']['width'] == 32 and r['model']['text']['depth'] == 1
     assert r['versions']['jax'] == jax.__version__
     # The product's allocator choice: the entry point re-executed itself with the tunables.
-    assert 'GLIBC_TUNABLES' in r['allocator']['env'] or r['allocator']['preloaded_libs'], r['allocator']
+    assert 'GLIBC_TUNABLES' in r['allocator']['env'] or r['allocator']['preloaded_libs'], r[
+        'allocator'
+    ]
     assert np.isfinite(r['last_metrics']['loss'])
 
 
@@ -73,7 +96,7 @@ def test_synthetic_batch_matches_the_pipeline_layout():
     assert batch['texts_valid'].shape == (4, k) and batch['texts_valid'].dtype == bool
     for row in [*batch['text'], *batch['texts'].reshape(-1, l_sub)]:
         eos = int(np.argmax(row == 1))  # bytes, one EOS, then padding only
-        assert (row[:eos] >= 2).all() and (row[eos + 1:] == 0).all()
+        assert (row[:eos] >= 2).all() and (row[eos + 1 :] == 0).all()
 
 
 def test_hlo_dot_flops_counts_plain_and_batched_matmuls():

@@ -18,32 +18,51 @@ from input_pipeline.tokenizers import ByteTokenizer
 SPLIT_CASES = [
     ("A dog runs. A cat sleeps!", ["A dog runs.", "A cat sleeps!"]),
     # titles, initials, approx. before a decimal
-    ("Dr. Smith met Mr. J. R. Tolkien approx. 3.5 cm from the door. Then they left.",
-     ["Dr. Smith met Mr. J. R. Tolkien approx. 3.5 cm from the door.", "Then they left."]),
-    ("Fruit, e.g. Apples, i.e. red ones, vs. Pears. Next.",
-     ["Fruit, e.g. Apples, i.e. red ones, vs. Pears.", "Next."]),
-    ("It is 3.5 cm long. It weighs 2.75 kg. 3 cats sit.",
-     ["It is 3.5 cm long.", "It weighs 2.75 kg.", "3 cats sit."]),
+    (
+        "Dr. Smith met Mr. J. R. Tolkien approx. 3.5 cm from the door. Then they left.",
+        ["Dr. Smith met Mr. J. R. Tolkien approx. 3.5 cm from the door.", "Then they left."],
+    ),
+    (
+        "Fruit, e.g. Apples, i.e. red ones, vs. Pears. Next.",
+        ["Fruit, e.g. Apples, i.e. red ones, vs. Pears.", "Next."],
+    ),
+    (
+        "It is 3.5 cm long. It weighs 2.75 kg. 3 cats sit.",
+        ["It is 3.5 cm long.", "It weighs 2.75 kg.", "3 cats sit."],
+    ),
     # ellipses: split before a capital, not before lowercase
-    ("Wait... Then it rained... and stopped. The end…  Really?! Yes!",
-     ["Wait...", "Then it rained... and stopped.", "The end…", "Really?!", "Yes!"]),
+    (
+        "Wait... Then it rained... and stopped. The end…  Really?! Yes!",
+        ["Wait...", "Then it rained... and stopped.", "The end…", "Really?!", "Yes!"],
+    ),
     # closing quotes and brackets stay with their sentence
-    ('He said "stop." Then he left. She asked "why?" Nobody knew.',
-     ['He said "stop."', "Then he left.", 'She asked "why?"', "Nobody knew."]),
+    (
+        'He said "stop." Then he left. She asked "why?" Nobody knew.',
+        ['He said "stop."', "Then he left.", 'She asked "why?"', "Nobody knew."],
+    ),
     ("(The ring is left.) The cross is right.", ["(The ring is left.)", "The cross is right."]),
     # bullets and numbered lists, with and without final periods
-    ("- A red circle.\n- A blue square\n* A green ring\n• A cross\n1. First item.\n2) Second",
-     ["A red circle.", "A blue square", "A green ring", "A cross", "First item.", "Second"]),
+    (
+        "- A red circle.\n- A blue square\n* A green ring\n• A cross\n1. First item.\n2) Second",
+        ["A red circle.", "A blue square", "A green ring", "A cross", "First item.", "Second"],
+    ),
     # a soft wrap joins, a blank line or a capitalised line starts a new sentence
-    ("The image shows a cat\nsitting on a mat. Another one.\n\nNew paragraph\nHere too",
-     ["The image shows a cat sitting on a mat.", "Another one.", "New paragraph", "Here too"]),
+    (
+        "The image shows a cat\nsitting on a mat. Another one.\n\nNew paragraph\nHere too",
+        ["The image shows a cat sitting on a mat.", "Another one.", "New paragraph", "Here too"],
+    ),
     # number abbreviations only before a digit
-    ("See Fig. 3 for details. No. It is blue. Item No. 5 is red.",
-     ["See Fig. 3 for details.", "No.", "It is blue.", "Item No. 5 is red."]),
+    (
+        "See Fig. 3 for details. No. It is blue. Item No. 5 is red.",
+        ["See Fig. 3 for details.", "No.", "It is blue.", "Item No. 5 is red."],
+    ),
     ("Apples etc. and pears etc. Then done.", ["Apples etc. and pears etc.", "Then done."]),
     ("Visit example.com today.\tThanks  a lot.", ["Visit example.com today.", "Thanks a lot."]),
     ("no final period", ["no final period"]),
-    ("", []), ("   \n\n ", []), ("...", []), ("- \n* \n1. ", []),
+    ("", []),
+    ("   \n\n ", []),
+    ("...", []),
+    ("- \n* \n1. ", []),
 ]
 
 
@@ -107,7 +126,9 @@ def test_sample_subcaptions_transform():
     np.testing.assert_array_equal(out["texts"][3:, 1:], tok.pad_id)
     assert out["id"] == 3 and out["long_caption"] == record["long_caption"]
 
-    empty = SampleSubcaptions(tokenizer=tok, k=2)({"long_caption": " ... "}, np.random.default_rng(0))
+    empty = SampleSubcaptions(tokenizer=tok, k=2)(
+        {"long_caption": " ... "}, np.random.default_rng(0)
+    )
     assert not empty["texts_valid"].any()
 
 
@@ -117,7 +138,9 @@ def test_random_transform_needs_a_key():
     with pytest.raises(ValueError, match="rng_key"):
         transforms.apply([t], record)
     a = transforms.apply([t], record, rng_key=(0, 0, 5))
-    np.testing.assert_array_equal(a["texts"], transforms.apply([t], record, rng_key=(0, 0, 5))["texts"])
+    np.testing.assert_array_equal(
+        a["texts"], transforms.apply([t], record, rng_key=(0, 0, 5))["texts"]
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -127,10 +150,15 @@ N, B, K = 16, 8, 2
 
 
 def _loader(**kw):
-    steps = [SampleSubcaptions(tokenizer=ByteTokenizer(128), k=K),
-             transforms.SelectFields(("texts", "texts_valid", "id"))]
-    return make_loader(ShapesSource(image_size=16, num_records=N), steps,
-                       **{"global_batch_size": B, "seed": 0, **kw})
+    steps = [
+        SampleSubcaptions(tokenizer=ByteTokenizer(128), k=K),
+        transforms.SelectFields(("texts", "texts_valid", "id")),
+    ]
+    return make_loader(
+        ShapesSource(image_size=16, num_records=N),
+        steps,
+        **{"global_batch_size": B, "seed": 0, **kw},
+    )
 
 
 def _take(loader, n):
@@ -204,13 +232,16 @@ def test_choose_caption_frequencies():
     assert epoch1 != picks[:200]
 
 
-@pytest.mark.parametrize("probs, match", [
-    ({}, "no fields"),
-    ({"caption": 0.7, "alt_text": 0.2}, "sum to 1"),
-    ({"caption": 1.2, "alt_text": -0.2}, ">= 0"),
-    ({"caption": float("nan"), "alt_text": 1.0}, "finite"),
-    ({"caption": "0.5", "alt_text": 0.5}, "number"),
-])
+@pytest.mark.parametrize(
+    "probs, match",
+    [
+        ({}, "no fields"),
+        ({"caption": 0.7, "alt_text": 0.2}, "sum to 1"),
+        ({"caption": 1.2, "alt_text": -0.2}, ">= 0"),
+        ({"caption": float("nan"), "alt_text": 1.0}, "finite"),
+        ({"caption": "0.5", "alt_text": 0.5}, "number"),
+    ],
+)
 def test_bad_caption_probabilities(probs, match):
     with pytest.raises(ValueError, match=match):
         ChooseCaption(probs)
@@ -260,7 +291,9 @@ def test_train_loader_builds_subcaptions(fill):
     k, lsub = config.input.num_subcaptions, config.input.subcaption_context_length
     assert sorted(batch) == ["id", "image", "text", "texts", "texts_valid"]
     assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.uint8
-    assert batch["text"].shape == (8, config.input.context_length) and batch["text"].dtype == np.int32
+    assert (
+        batch["text"].shape == (8, config.input.context_length) and batch["text"].dtype == np.int32
+    )
     assert batch["texts"].shape == (8, k, lsub) and batch["texts"].dtype == np.int32
     assert batch["texts_valid"].shape == (8, k) and batch["texts_valid"].dtype == bool
     source = pipeline.make_source(config.input, seed=config.seed)
@@ -269,9 +302,13 @@ def test_train_loader_builds_subcaptions(fill):
         record = source[int(i)]
         assert tok.decode(batch["text"][row]) == record["caption"]
         sentences = split_sentences(record["long_caption"])
-        decoded = [tok.decode(t) for t, ok in zip(batch["texts"][row], batch["texts_valid"][row]) if ok]
+        decoded = [
+            tok.decode(t) for t, ok in zip(batch["texts"][row], batch["texts_valid"][row]) if ok
+        ]
         assert set(decoded) == set(sentences)  # all present (K=6 > 2..4 sentences) ...
-        assert len(decoded) == (k if fill == "replace" else len(sentences))  # ... repeated or padded
+        assert len(decoded) == (
+            k if fill == "replace" else len(sentences)
+        )  # ... repeated or padded
 
 
 def test_train_loader_builds_only_what_is_asked():
@@ -299,12 +336,15 @@ def test_train_loader_caption_probs():
     np.testing.assert_array_equal(plain["texts"], batch["texts"])
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (dict(caption_probs={"caption": 0.5, "rewritten": 0.5}), "rewritten"),
-    (dict(caption_probs={"caption": 0.5, "alt_text": 0.6}), "input.caption_probs"),
-    (dict(subcaption_field="longer_caption"), "longer_caption"),
-    (dict(subcaption_fill="repeat"), "fill"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(caption_probs={"caption": 0.5, "rewritten": 0.5}), "rewritten"),
+        (dict(caption_probs={"caption": 0.5, "alt_text": 0.6}), "input.caption_probs"),
+        (dict(subcaption_field="longer_caption"), "longer_caption"),
+        (dict(subcaption_fill="repeat"), "fill"),
+    ],
+)
 def test_train_loader_config_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
         pipeline.train_loader(_config(**overrides), fields=("text", "texts"))

@@ -27,19 +27,42 @@ def losses(workdir):
 
 def test_training_writes_metrics_tensorboard_config_and_checkpoints(python, tmp_path):
     wd = str(tmp_path / 'run')
-    proc = python(MAIN + ['--config', 'configs/clip.py', '--workdir', wd, *TINY,
-                                                '--config.total_steps=40', '--config.log_every=5',
-                                                '--config.checkpoint.every=10', '--config.checkpoint.keep=2',
-                                                '--config.checkpoint.keep_every=20', '--config.eval_every=40',
-                                                '--config.evals.dense_zeroshot.num_examples=16'])
+    proc = python(
+        MAIN
+        + [
+            '--config',
+            'configs/clip.py',
+            '--workdir',
+            wd,
+            *TINY,
+            '--config.total_steps=40',
+            '--config.log_every=5',
+            '--config.checkpoint.every=10',
+            '--config.checkpoint.keep=2',
+            '--config.checkpoint.keep_every=20',
+            '--config.eval_every=40',
+            '--config.evals.dense_zeroshot.num_examples=16',
+        ]
+    )
     rows = read_metrics(wd)
     assert [r['step'] for r in rows] == [5, 10, 15, 20, 25, 30, 35, 40]
-    for key in ('train/loss', 'train/loss_clip', 'train/lr', 'train/grad_norm',
-                            'perf/samples_per_s', 'perf/mfu', 'data/skipped'):
+    for key in (
+        'train/loss',
+        'train/loss_clip',
+        'train/lr',
+        'train/grad_norm',
+        'perf/samples_per_s',
+        'perf/mfu',
+        'data/skipped',
+    ):
         assert key in rows[-1], key
     # Evaluators share the step's row: zero-shot, retrieval, linear probe and dense.
-    for key in ('eval/zeroshot/top1', 'eval/retrieval/i2t_r1', 'eval/linear_probe/top1',
-                            'eval/dense_zeroshot/miou'):
+    for key in (
+        'eval/zeroshot/top1',
+        'eval/retrieval/i2t_r1',
+        'eval/linear_probe/top1',
+        'eval/dense_zeroshot/miou',
+    ):
         assert key in rows[-1] and key not in rows[-2], key
     # Saved at 10, 20, 30, 40: the last two are kept, plus every 20th step.
     assert sorted(os.listdir(os.path.join(wd, 'checkpoints')), key=int) == ['20', '30', '40']
@@ -52,8 +75,19 @@ def test_training_writes_metrics_tensorboard_config_and_checkpoints(python, tmp_
 def test_default_recipe_learns(python, tmp_path):
     """The quick-start DreamLIP run on shapes, shortened to 60 steps: every term must fall."""
     wd = str(tmp_path / 'run')
-    python(MAIN + ['--config', 'configs/dreamlip.py', '--workdir', wd, '--config.total_steps=60',
-                   '--config.log_every=10', '--config.progress=false', '--config.eval_every=0'])
+    python(
+        MAIN
+        + [
+            '--config',
+            'configs/dreamlip.py',
+            '--workdir',
+            wd,
+            '--config.total_steps=60',
+            '--config.log_every=10',
+            '--config.progress=false',
+            '--config.eval_every=0',
+        ]
+    )
     first, last = read_metrics(wd)[0], read_metrics(wd)[-1]
     terms = ('clip', 'multipos', 'grouping')
     # Measured at steps 10 -> 60: total 17.20 -> 16.05, clip 4.96 -> 4.76 (chance log 128 =
@@ -64,15 +98,22 @@ def test_default_recipe_learns(python, tmp_path):
     assert last['train/dreamlip/loss_clip'] < math.log(128)
 
 
-@pytest.mark.parametrize('args, message', [
-        (['--config', 'configs/clip.py', '--config.optim.lrr=1'],
-          "unknown config key 'optim.lrr'; did you mean optim.lr"),
-        (['--config', 'configs/clip.py', '--config.model.imag.width=1'],
-          "unknown config key 'model.imag.width'; did you mean model.image.width"),
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        (
+            ['--config', 'configs/clip.py', '--config.optim.lrr=1'],
+            "unknown config key 'optim.lrr'; did you mean optim.lr",
+        ),
+        (
+            ['--config', 'configs/clip.py', '--config.model.imag.width=1'],
+            "unknown config key 'model.imag.width'; did you mean model.image.width",
+        ),
         (['--config', 'configs/nope.py'], "config file 'configs/nope.py' does not exist"),
         (['--config', 'configs/clip.py:b61'], "unknown variant 'b61'; valid: tiny, b16"),
         (['--config', 'configs/clip.py', '--config.batch_size=many'], "config key 'batch_size'"),
-])
+    ],
+)
 def test_bad_config_is_one_line_error(python, tmp_path, args, message):
     proc = python(MAIN + args + ['--workdir', str(tmp_path)], check=False, timeout=60)
     assert proc.returncode == 2
@@ -81,8 +122,14 @@ def test_bad_config_is_one_line_error(python, tmp_path, args, message):
 
 
 def test_resume_logs_the_losses_of_an_uninterrupted_run(python, tmp_path):
-    args = ['--config', 'configs/clip.py', *TINY, '--config.total_steps=8', '--config.log_every=1',
-                    '--config.checkpoint.every=4']
+    args = [
+        '--config',
+        'configs/clip.py',
+        *TINY,
+        '--config.total_steps=8',
+        '--config.log_every=1',
+        '--config.checkpoint.every=4',
+    ]
     straight, resumed = str(tmp_path / 'a'), str(tmp_path / 'b')
     python(MAIN + args + ['--workdir', straight])
     python(MAIN + args + ['--workdir', resumed])
@@ -98,15 +145,27 @@ def test_resume_logs_the_losses_of_an_uninterrupted_run(python, tmp_path):
 
 
 def test_sigterm_saves_exits_zero_and_resumes_exactly(python, tmp_path):
-    args = ['--config', 'configs/clip.py', *TINY, '--config.total_steps=150',
-                    '--config.log_every=1', '--config.checkpoint.every=1000']
+    args = [
+        '--config',
+        'configs/clip.py',
+        *TINY,
+        '--config.total_steps=150',
+        '--config.log_every=1',
+        '--config.checkpoint.every=1000',
+    ]
     straight, stopped = str(tmp_path / 'a'), str(tmp_path / 'b')
     python(MAIN + args + ['--workdir', straight])
 
     env = dict(os.environ)
     env.pop('XLA_FLAGS', None)
-    proc = subprocess.Popen([sys.executable, *MAIN, *args, '--workdir', stopped], cwd=ROOT,
-                                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *MAIN, *args, '--workdir', stopped],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = os.path.join(stopped, 'metrics.jsonl')
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -131,8 +190,16 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(python, tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(python, tmp_path):
     wd = str(tmp_path / 'run')
-    args = MAIN + ['--config', 'configs/clip.py', '--workdir', wd, *TINY,
-                                  '--config.total_steps=6', '--config.checkpoint.every=1', '--config.log_every=1']
+    args = MAIN + [
+        '--config',
+        'configs/clip.py',
+        '--workdir',
+        wd,
+        *TINY,
+        '--config.total_steps=6',
+        '--config.checkpoint.every=1',
+        '--config.log_every=1',
+    ]
     # Step 1 runs at lr 0 (warmup starts at 0); from step 2 on an lr of 1e30 overflows.
     proc = python(args + ['--config.optim.lr=1e30'], check=False)
     assert proc.returncode == 1

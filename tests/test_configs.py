@@ -13,8 +13,11 @@ from pretrain import config_cli
 from pretrain.models.towers import ImageTextModel
 from pretrain.objectives import compose
 
-CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
-                 if os.path.basename(p) not in ('__init__.py', 'common.py'))
+CONFIGS = sorted(
+    p
+    for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+    if os.path.basename(p) not in ('__init__.py', 'common.py')
+)
 
 
 def variants(path):
@@ -33,15 +36,20 @@ def test_config_builds_and_model_shapes_resolve(path):
         assert 'image' in objective.fields
         # Abstract init: checks every size in the config fits together without allocating.
         model = nnx.eval_shape(lambda: ImageTextModel(config.model, rngs=nnx.Rngs(0)))
-        assert model.image_proj.kernel.shape == (config.model.image.width,
-                                                 config.model.embed_dim)
-        assert config.input.subcaption_context_length <= config.model.text.context_length or \
-            'texts' not in objective.fields
+        assert model.image_proj.kernel.shape == (config.model.image.width, config.model.embed_dim)
+        assert (
+            config.input.subcaption_context_length <= config.model.text.context_length
+            or 'texts' not in objective.fields
+        )
         assert config.batch_size % jax.device_count() == 0
 
 
 def test_b16_is_the_real_scale_run():
     config = config_cli.build_config(os.path.join(ROOT, 'configs/clip.py:b16'), [])
-    assert (config.model.image.width, config.model.image.depth, config.model.image.patch,
-            config.model.image.image_size) == (768, 12, 16, 224)
+    assert (
+        config.model.image.width,
+        config.model.image.depth,
+        config.model.image.patch,
+        config.model.image.image_size,
+    ) == (768, 12, 16, 224)
     assert config.model.dtype == 'bfloat16'

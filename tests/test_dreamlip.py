@@ -19,8 +19,13 @@ import pytest
 from flax import nnx
 
 from pretrain.objectives import compose
-from pretrain.objectives.dreamlip import (DreamLip, grouping_loss, multipos_circle_loss,
-                                          multipos_infonce_loss, text_hashes)
+from pretrain.objectives.dreamlip import (
+    DreamLip,
+    grouping_loss,
+    multipos_circle_loss,
+    multipos_infonce_loss,
+    text_hashes,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,8 +59,14 @@ def np_clip(zimg, ztxt, scale):
 def np_siglip(zimg, ztxt, scale, bias):
     logits = scale * zimg @ ztxt.T + bias
     n = len(zimg)
-    return sum(np_softplus(-(1.0 if i == j else -1.0) * logits[i, j])
-               for i in range(n) for j in range(n)) / n
+    return (
+        sum(
+            np_softplus(-(1.0 if i == j else -1.0) * logits[i, j])
+            for i in range(n)
+            for j in range(n)
+        )
+        / n
+    )
 
 
 def np_multipos_infonce(zimg, ztxt, pos, neg, scale):
@@ -83,10 +94,14 @@ def np_multipos_circle(zimg, ztxt, pos, neg, gamma, margin, alpha_cos=None):
         n_set = [t for t in range(len(ztxt)) if neg[i, t] and not pos[i, t]]
         if not p_set:
             continue
-        lp = np_logsumexp([-gamma * max(1 + margin - ac[i, p], 0) * (cos[i, p] - (1 - margin))
-                           for p in p_set])
-        ln = np_logsumexp([gamma * max(ac[i, n] + margin, 0) * (cos[i, n] - margin)
-                           for n in n_set]) if n_set else -np.inf
+        lp = np_logsumexp(
+            [-gamma * max(1 + margin - ac[i, p], 0) * (cos[i, p] - (1 - margin)) for p in p_set]
+        )
+        ln = (
+            np_logsumexp([gamma * max(ac[i, n] + margin, 0) * (cos[i, n] - margin) for n in n_set])
+            if n_set
+            else -np.inf
+        )
         losses.append(np_softplus(lp + ln))
     return np.mean(losses)
 
@@ -116,10 +131,12 @@ def np_grouping(patch, sub, valid, scale, threshold, neg=None):
     logits = min(scale, 100.0) * grouped @ texts.T
     idx = [r for r in range(b_size * k_size) if valid.reshape(-1)[r]]
     neg = ~np.eye(b_size * k_size, dtype=bool) if neg is None else neg
-    g2t = sum(np_logsumexp([logits[r, c] for c in idx if c == r or neg[r, c]]) - logits[r, r]
-              for r in idx)
-    t2g = sum(np_logsumexp([logits[r, c] for r in idx if r == c or neg[r, c]]) - logits[c, c]
-              for c in idx)
+    g2t = sum(
+        np_logsumexp([logits[r, c] for c in idx if c == r or neg[r, c]]) - logits[r, r] for r in idx
+    )
+    t2g = sum(
+        np_logsumexp([logits[r, c] for r in idx if r == c or neg[r, c]]) - logits[c, c] for c in idx
+    )
     return 0.5 * (g2t + t2g) / len(idx)
 
 
@@ -185,7 +202,9 @@ def vg(fn, *args, argnums):
 def test_multipos_infonce_matches_numpy_x64(scale):
     zimg, ztxt, pos, neg = multipos_case()
     want = np_multipos_infonce(zimg, ztxt, pos, neg, scale)
-    want_g = np_grad(lambda zi, zt, s: np_multipos_infonce(zi, zt, pos, neg, s), [zimg, ztxt, scale])
+    want_g = np_grad(
+        lambda zi, zt, s: np_multipos_infonce(zi, zt, pos, neg, s), [zimg, ztxt, scale]
+    )
 
     def f(zi, zt, s):
         return multipos_infonce_loss(zimg=zi, ztxt_all=zt, pos_mask=pos, neg_mask=neg, scale=s)
@@ -209,7 +228,9 @@ def test_multipos_infonce_matches_numpy_x64(scale):
 def test_multipos_infonce_f32_and_default_neg_mask():
     zimg, ztxt, pos, neg = multipos_case(b=6, k=3, e=8, seed=1, aligned=0.8)
     want = np_multipos_infonce(zimg, ztxt, pos, ~pos, 30.0)
-    (want_gi, want_gt) = np_grad(lambda zi, zt: np_multipos_infonce(zi, zt, pos, ~pos, 30.0), [zimg, ztxt])
+    want_gi, want_gt = np_grad(
+        lambda zi, zt: np_multipos_infonce(zi, zt, pos, ~pos, 30.0), [zimg, ztxt]
+    )
 
     def f(zi, zt):
         return multipos_infonce_loss(zimg=zi, ztxt_all=zt, pos_mask=pos, scale=np.float32(30.0))
@@ -220,8 +241,12 @@ def test_multipos_infonce_f32_and_default_neg_mask():
     np.testing.assert_allclose(gi, want_gi, rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(gt, want_gt, rtol=1e-3, atol=1e-5)
     # bf16 embeddings: f32 loss maths.
-    bf16 = multipos_infonce_loss(zimg=jnp.asarray(zimg, jnp.bfloat16),
-                                 ztxt_all=jnp.asarray(ztxt, jnp.bfloat16), pos_mask=pos, scale=30.0)
+    bf16 = multipos_infonce_loss(
+        zimg=jnp.asarray(zimg, jnp.bfloat16),
+        ztxt_all=jnp.asarray(ztxt, jnp.bfloat16),
+        pos_mask=pos,
+        scale=30.0,
+    )
     assert bf16[0].dtype == jnp.float32
 
 
@@ -238,12 +263,15 @@ def test_multipos_circle_matches_numpy_x64(gamma, margin):
     assert np.min(np.abs(np.concatenate([1 + margin - cos0[pos], cos0[neg] + margin]))) > 1e-3
     want = np_multipos_circle(zimg, ztxt, pos, neg, gamma, margin)
     # Alphas frozen at their values: the stop-gradient derivative.
-    want_g = np_grad(lambda zi, zt: np_multipos_circle(zi, zt, pos, neg, gamma, margin, alpha_cos=cos0),
-                     [zimg, ztxt])
+    want_g = np_grad(
+        lambda zi, zt: np_multipos_circle(zi, zt, pos, neg, gamma, margin, alpha_cos=cos0),
+        [zimg, ztxt],
+    )
 
     def f(zi, zt):
-        return multipos_circle_loss(zimg=zi, ztxt_all=zt, pos_mask=pos, neg_mask=neg,
-                                    gamma=gamma, margin=margin)
+        return multipos_circle_loss(
+            zimg=zi, ztxt_all=zt, pos_mask=pos, neg_mask=neg, gamma=gamma, margin=margin
+        )
 
     with jax.enable_x64(True):
         (loss, metrics), grads = vg(f, zimg, ztxt, argnums=(0, 1))
@@ -253,7 +281,9 @@ def test_multipos_circle_matches_numpy_x64(gamma, margin):
     unused = ~(pos | neg).any(0)
     assert np.all(np.asarray(grads[1])[unused] == 0)
     # The full derivative (through the alphas) is a different number: the stop is real.
-    full_g = np_grad(lambda zi, zt: np_multipos_circle(zi, zt, pos, neg, gamma, margin), [zimg, ztxt])
+    full_g = np_grad(
+        lambda zi, zt: np_multipos_circle(zi, zt, pos, neg, gamma, margin), [zimg, ztxt]
+    )
     assert np.abs(full_g[0] - np.asarray(grads[0])).max() > 1e-3
     assert 'acc' in metrics
 
@@ -268,9 +298,14 @@ def test_multipos_circle_f32_and_degenerate_rows():
     (loss, _), grads = vg(f, zimg.astype(np.float32), ztxt.astype(np.float32), argnums=(0, 1))
     np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
     # No negatives at all (one image): softplus(lse_p + (-inf)) = 0, finite gradients.
-    (loss1, _), grads1 = vg(lambda zi, zt: multipos_circle_loss(
-        zimg=zi, ztxt_all=zt, pos_mask=pos[:1, :4], neg_mask=np.zeros((1, 4), bool)),
-        zimg[:1], ztxt[:4], argnums=(0, 1))
+    (loss1, _), grads1 = vg(
+        lambda zi, zt: multipos_circle_loss(
+            zimg=zi, ztxt_all=zt, pos_mask=pos[:1, :4], neg_mask=np.zeros((1, 4), bool)
+        ),
+        zimg[:1],
+        ztxt[:4],
+        argnums=(0, 1),
+    )
     assert float(loss1) == 0.0
     assert all(np.all(np.isfinite(g)) and np.all(np.asarray(g) == 0) for g in grads1)
 
@@ -316,10 +351,18 @@ def test_grouping_f32_neg_mask_and_threshold_sparsifies():
         want_g = np_grad(lambda p, s: np_grouping(p, s, valid, 20.0, threshold, neg), [patch, sub])
 
         def f(p, s):
-            return grouping_loss(patch_z=p, sub_z=s, sub_valid=valid, scale=np.float32(20.0),
-                                 threshold=threshold, neg_mask=neg)
+            return grouping_loss(
+                patch_z=p,
+                sub_z=s,
+                sub_valid=valid,
+                scale=np.float32(20.0),
+                threshold=threshold,
+                neg_mask=neg,
+            )
 
-        (loss, metrics), grads = vg(f, patch.astype(np.float32), sub.astype(np.float32), argnums=(0, 1))
+        (loss, metrics), grads = vg(
+            f, patch.astype(np.float32), sub.astype(np.float32), argnums=(0, 1)
+        )
         np.testing.assert_allclose(loss, want, rtol=2e-5, atol=1e-6)
         for g, w in zip(grads, want_g):
             np.testing.assert_allclose(g, w, rtol=2e-3, atol=2e-5)
@@ -334,19 +377,29 @@ def test_grouping_degenerate_cases_are_finite():
     patch, sub, valid = grouping_case(seed=6)
     # All patches of image 0 equal: min = max, weights fall back to uniform (no 0/0).
     patch[0] = patch[0, :1]
-    (loss, _), grads = vg(lambda p, s: grouping_loss(patch_z=p, sub_z=s, sub_valid=valid, scale=5.0),
-                          patch.astype(np.float32), sub.astype(np.float32), argnums=(0, 1))
+    (loss, _), grads = vg(
+        lambda p, s: grouping_loss(patch_z=p, sub_z=s, sub_valid=valid, scale=5.0),
+        patch.astype(np.float32),
+        sub.astype(np.float32),
+        argnums=(0, 1),
+    )
     assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads)
     # No valid sub-caption anywhere: loss 0, gradients exactly 0.
     none = np.zeros_like(valid)
-    (loss, m), grads = vg(lambda p, s: grouping_loss(patch_z=p, sub_z=s, sub_valid=none, scale=5.0),
-                          patch.astype(np.float32), sub.astype(np.float32), argnums=(0, 1))
+    (loss, m), grads = vg(
+        lambda p, s: grouping_loss(patch_z=p, sub_z=s, sub_valid=none, scale=5.0),
+        patch.astype(np.float32),
+        sub.astype(np.float32),
+        argnums=(0, 1),
+    )
     assert float(loss) == 0.0 and all(np.all(np.asarray(g) == 0) for g in grads)
 
 
 def test_text_hashes():
-    tokens = np.array([[5, 6, 7, 0, 0], [5, 6, 7, 0, 0], [7, 6, 5, 0, 0], [5, 6, 7, 1, 0],
-                       [5, 6, 0, 7, 0]], np.int32)
+    tokens = np.array(
+        [[5, 6, 7, 0, 0], [5, 6, 7, 0, 0], [7, 6, 5, 0, 0], [5, 6, 7, 1, 0], [5, 6, 0, 7, 0]],
+        np.int32,
+    )
     h = np.asarray(text_hashes(tokens))
     assert h.shape == (5, 2) and h.dtype == np.uint32
     assert (h[0] == h[1]).all()
@@ -373,8 +426,9 @@ class TinyDreamModel(nnx.Module):
     encode_text (any length, pad 0, mean over real tokens), logit_scale/bias and, unless
     `grouping=False`, the grouping temperature."""
 
-    def __init__(self, *, patch=2, width=6, vocab=16, text_width=7, embed=5, grouping=True,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, *, patch=2, width=6, vocab=16, text_width=7, embed=5, grouping=True, rngs: nnx.Rngs
+    ):
         self.patch = patch
         self.patch_embed = nnx.Linear(patch * patch * 3, width, rngs=rngs)
         self.image_proj = nnx.Linear(width, embed, use_bias=False, rngs=rngs)
@@ -445,11 +499,22 @@ def np_masks(batch, ignore_duplicates):
         for bb in range(b):
             for j in range(t):
                 pos[i, bb * t + j] = bb == i and valid_bt[bb, j]
-                copy = any(valid_bt[i, jj] and same_tokens(rows[bb][j], rows[i][jj]) for jj in range(t))
-                neg[i, bb * t + j] = bb != i and valid_bt[bb, j] and not (ignore_duplicates and copy)
+                copy = any(
+                    valid_bt[i, jj] and same_tokens(rows[bb][j], rows[i][jj]) for jj in range(t)
+                )
+                neg[i, bb * t + j] = (
+                    bb != i and valid_bt[bb, j] and not (ignore_duplicates and copy)
+                )
     subs = texts.reshape(b * k, -1)
-    gneg = np.array([[r != c and not (ignore_duplicates and same_tokens(subs[r], subs[c]))
-                      for c in range(b * k)] for r in range(b * k)])
+    gneg = np.array(
+        [
+            [
+                r != c and not (ignore_duplicates and same_tokens(subs[r], subs[c]))
+                for c in range(b * k)
+            ]
+            for r in range(b * k)
+        ]
+    )
     return pos, neg, gneg
 
 
@@ -467,8 +532,10 @@ def np_objective(model, batch, cfg, *, kernel=None, scale=None, gscale=None, alp
     patch = unit(tokens @ kernel)
     b, k, _ = batch['texts'].shape
     ztxt = np.asarray(model.encode_text(jnp.asarray(batch['text']), train=False)[0], np.float64)
-    zsub = np.asarray(model.encode_text(jnp.asarray(batch['texts'].reshape(b * k, -1)), train=False)[0],
-                      np.float64).reshape(b, k, -1)
+    zsub = np.asarray(
+        model.encode_text(jnp.asarray(batch['texts'].reshape(b * k, -1)), train=False)[0],
+        np.float64,
+    ).reshape(b, k, -1)
     ztxt_all = np.concatenate([ztxt[:, None], zsub], 1).reshape(b * (1 + k), -1)
     pos, neg, gneg = np_masks(batch, cfg.get('ignore_duplicates', True))
 
@@ -481,8 +548,9 @@ def np_objective(model, batch, cfg, *, kernel=None, scale=None, gscale=None, alp
         terms['multipos'] = np_multipos_infonce(zimg, ztxt_all, pos, neg, scale)
     else:
         terms['multipos'] = np_multipos_circle(zimg, ztxt_all, pos, neg, 32.0, 0.25, alpha_cos)
-    terms['grouping'] = np_grouping(patch, zsub, batch['texts_valid'], gscale,
-                                    cfg.get('threshold', -1.0), gneg)
+    terms['grouping'] = np_grouping(
+        patch, zsub, batch['texts_valid'], gscale, cfg.get('threshold', -1.0), gneg
+    )
     weights = {n: cfg.get(f'{n}_weight', 1.0) for n in terms}
     return sum(weights[n] * terms[n] for n in terms), terms, zimg @ ztxt_all.T
 
@@ -504,7 +572,9 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize('cfg', CONFIGS, ids=['clip-infonce', 'siglip-circle', 'siglip-chunked-nodedup'])
+@pytest.mark.parametrize(
+    'cfg', CONFIGS, ids=['clip-infonce', 'siglip-circle', 'siglip-chunked-nodedup']
+)
 def test_objective_end_to_end_matches_numpy(cfg):
     model, batch = TinyDreamModel(rngs=nnx.Rngs(0)), tiny_batch()
     objective = DreamLip(ml_collections.ConfigDict({'weight': 1.0, **cfg}))
@@ -515,14 +585,20 @@ def test_objective_end_to_end_matches_numpy(cfg):
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     for name, value in terms.items():
         np.testing.assert_allclose(metrics[f'loss_{name}'], value, rtol=1e-5, err_msg=name)
-    assert {'clip/i2t_acc', 'multipos/acc', 'grouping/g2t_acc', 'grouping/kept',
-            'grouping/scale'} <= set(metrics)
+    assert {
+        'clip/i2t_acc',
+        'multipos/acc',
+        'grouping/g2t_acc',
+        'grouping/kept',
+        'grouping/scale',
+    } <= set(metrics)
 
     # Gradients through the image projection (global, multi-positive and patch paths) and
     # both temperatures, against finite differences of the numpy objective.
     kernel = np.asarray(model.image_proj.kernel[...], np.float64)
-    (want_dk,) = np_grad(lambda kk: np_objective(model, batch, cfg, kernel=kk, alpha_cos=cos0)[0],
-                         [kernel], h=1e-5)
+    (want_dk,) = np_grad(
+        lambda kk: np_objective(model, batch, cfg, kernel=kk, alpha_cos=cos0)[0], [kernel], h=1e-5
+    )
     np.testing.assert_allclose(grads.image_proj.kernel[...], want_dk, rtol=2e-3, atol=2e-5)
     s, sg = float(np.exp(model.logit_scale[...])), float(np.exp(model.grouping_logit_scale[...]))
     (want_ds,) = np_grad(lambda x: np_objective(model, batch, cfg, scale=float(x))[0], [s])
@@ -546,8 +622,11 @@ def test_objective_ignores_invalid_subcaptions():
     np.testing.assert_allclose(loss2, loss, rtol=1e-6, atol=1e-7)
     for key in metrics:
         np.testing.assert_allclose(metrics2[key], metrics[key], rtol=1e-6, atol=1e-7, err_msg=key)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 nnx.state(grads, nnx.Param), nnx.state(grads2, nnx.Param))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        nnx.state(grads, nnx.Param),
+        nnx.state(grads2, nnx.Param),
+    )
     # ...whereas changing a valid one does change the loss.
     changed['texts'][2, 0] = rng.integers(1, 16, size=batch['texts'].shape[2])
     assert abs(float(jit_objective_vg(objective, model, changed)[0][0]) - float(loss)) > 1e-5
@@ -574,7 +653,8 @@ def test_objective_weights_fields_and_errors():
     assert set(metrics) == {'loss_clip', 'clip/i2t_acc', 'clip/t2i_acc', 'clip/scale'}
     np.testing.assert_allclose(loss, full['loss_clip'], rtol=1e-6)
     np.testing.assert_allclose(
-        full_loss, full['loss_clip'] + full['loss_multipos'] + full['loss_grouping'], rtol=1e-6)
+        full_loss, full['loss_clip'] + full['loss_multipos'] + full['loss_grouping'], rtol=1e-6
+    )
 
     # A model without the grouping temperature: a clear error, unless grouping is off.
     plain = TinyDreamModel(grouping=False, rngs=nnx.Rngs(3))
@@ -583,10 +663,14 @@ def test_objective_weights_fields_and_errors():
     _, m = DreamLip({'grouping_weight': 0.0})(plain, batch, train=True)
     assert 'loss_grouping' not in m and 'loss_multipos' in m
     # The grouping-only objective trains the grouping temperature and not the CLIP one.
-    (_, _), grads = jit_objective_vg(DreamLip({'clip_weight': 0.0, 'multipos_weight': 0.0}), model, batch)
+    (_, _), grads = jit_objective_vg(
+        DreamLip({'clip_weight': 0.0, 'multipos_weight': 0.0}), model, batch
+    )
     assert grads.logit_scale[...] == 0 and grads.grouping_logit_scale[...] != 0
 
-    with pytest.raises(ValueError, match=r"Unknown dreamlip config keys \['grouping_temperature'\]"):
+    with pytest.raises(
+        ValueError, match=r"Unknown dreamlip config keys \['grouping_temperature'\]"
+    ):
         DreamLip({'grouping_temperature': 0.07})
     with pytest.raises(ValueError, match='multipos_form'):
         DreamLip({'multipos_form': 'triplet'})
@@ -600,22 +684,28 @@ def test_objective_weights_fields_and_errors():
 
 def test_compose_builds_dreamlip():
     model, batch = TinyDreamModel(rngs=nnx.Rngs(4)), tiny_batch(seed=4)
-    objective = compose.build_objective(ml_collections.ConfigDict(
-        {'dreamlip': {'weight': 0.5, 'multipos_form': 'circle', 'grouping_weight': 0.25}}))
+    objective = compose.build_objective(
+        ml_collections.ConfigDict(
+            {'dreamlip': {'weight': 0.5, 'multipos_form': 'circle', 'grouping_weight': 0.25}}
+        )
+    )
     assert objective.fields == ('image', 'text', 'texts', 'texts_valid')
     loss, metrics = objective(model, batch, rng=jax.random.key(0), train=True)
-    inner, inner_m = DreamLip({'multipos_form': 'circle', 'grouping_weight': 0.25})(model, batch, train=True)
+    inner, inner_m = DreamLip({'multipos_form': 'circle', 'grouping_weight': 0.25})(
+        model, batch, train=True
+    )
     np.testing.assert_allclose(loss, 0.5 * inner, rtol=1e-6)
     for name in ('clip', 'multipos', 'grouping'):
-        np.testing.assert_allclose(metrics[f'dreamlip/loss_{name}'], inner_m[f'loss_{name}'], rtol=1e-6)
+        np.testing.assert_allclose(
+            metrics[f'dreamlip/loss_{name}'], inner_m[f'loss_{name}'], rtol=1e-6
+        )
     assert {'loss', 'loss_dreamlip', 'dreamlip/grouping/scale'} <= set(metrics)
 
 
 # ----------------------------------------------------------------------------
 # Sharded == unsharded (8 fake CPU devices need a fresh process)
 
-SHARDED_CHECK = textwrap.dedent(
-    """
+SHARDED_CHECK = textwrap.dedent("""
     import sys
     import jax, numpy as np
     from flax import nnx
@@ -678,8 +768,7 @@ SHARDED_CHECK = textwrap.dedent(
             return objective(nnx.merge(graphdef, state), batch, train=True)
         vg = jax.value_and_grad(f, has_aux=True)
         check('objective-' + form, vg, (state, batch), (state, jax.device_put(batch, rows)))
-    """
-)
+    """)
 
 
 def test_sharded_matches_unsharded():
@@ -689,7 +778,13 @@ def test_sharded_matches_unsharded():
         'JAX_PLATFORMS': 'cpu',
         'PYTHONPATH': os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]),
     }
-    result = subprocess.run([sys.executable, '-c', SHARDED_CHECK], env=env, cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, '-c', SHARDED_CHECK],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count(' ok ') == 5, result.stdout

@@ -22,8 +22,8 @@ from pretrain.evaluators import linear_probe as lp
 from pretrain.evaluators import retrieval as rt
 from pretrain.evaluators import zeroshot as zs
 
-
 # --- metrics against numpy references --------------------------------------------------
+
 
 def np_topk(scores, labels, k):
     top = np.argsort(-scores, axis=1, kind='stable')[:, :k]
@@ -48,8 +48,10 @@ def test_topk_accuracy_matches_numpy():
 def np_recall(img, txt, txt_image, k):
     """Brute force over the full similarity matrix, with sorting."""
     sims = img @ txt.T
-    i2t = [bool(set(np.argsort(-sims[i])[:k]) & set(np.flatnonzero(txt_image == i)))
-                  for i in range(len(img))]
+    i2t = [
+        bool(set(np.argsort(-sims[i])[:k]) & set(np.flatnonzero(txt_image == i)))
+        for i in range(len(img))
+    ]
     t2i = [txt_image[j] in np.argsort(-sims[:, j])[:k] for j in range(len(txt))]
     return np.mean(i2t), np.mean(t2i)
 
@@ -57,10 +59,14 @@ def np_recall(img, txt, txt_image, k):
 def test_recall_at_k_hand_built_multi_caption():
     # 3 images on the axes; image 0 has captions 0 and 1, image 1 has 2, image 2 has 3.
     img = np.eye(3)
-    txt = np.array([[0.1, 0.9, 0.0],    # caption of image 0 that points at image 1
-                                    [0.6, 0.0, 0.5],    # caption of image 0, right but weakly
-                                    [0.0, 0.2, 0.9],    # caption of image 1 that points at image 2
-                                    [0.0, 0.3, 1.0]])   # caption of image 2
+    txt = np.array(
+        [
+            [0.1, 0.9, 0.0],  # caption of image 0 that points at image 1
+            [0.6, 0.0, 0.5],  # caption of image 0, right but weakly
+            [0.0, 0.2, 0.9],  # caption of image 1 that points at image 2
+            [0.0, 0.3, 1.0],
+        ]
+    )  # caption of image 2
     txt_image = np.array([0, 0, 1, 2])
     out = rt.recall_at_k(img, txt, txt_image, ks=(1, 2, 3), chunk_size=2)
     # i2t: image 0's best caption is caption 1 (0.6), first -> hit@1 via ANY caption; image 1's
@@ -105,15 +111,18 @@ def test_ridge_matches_least_squares_and_probe_picks_lambda_on_val():
     rng = np.random.default_rng(2)
     c, d = 5, 12
     centres = rng.normal(size=(c, d)) * 3
+
     def split(n):
         y = rng.integers(0, c, n)
         return (centres[y] + rng.normal(size=(n, d)) * 4 + 10).astype(np.float32), y
+
     train, val, test = split(60), split(40), split(50)
     lambdas = (1e-4, 1e-2, 1.0, 100.0)
     fit = lp.Ridge(*train, c)
     for lam in lambdas:
-        np.testing.assert_allclose(fit.predict(test[0], lam),
-                                                              np_ridge_predict(*train, test[0], lam, c), atol=1e-8)
+        np.testing.assert_allclose(
+            fit.predict(test[0], lam), np_ridge_predict(*train, test[0], lam, c), atol=1e-8
+        )
     # The probe's rule, written out: best val top-1 (largest lambda on ties), refit on
     # train + val, score test.
     val_acc = [np.mean(np_ridge_predict(*train, val[0], l, c).argmax(1) == val[1]) for l in lambdas]
@@ -121,8 +130,9 @@ def test_ridge_matches_least_squares_and_probe_picks_lambda_on_val():
     both = (np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]))
     want = np.mean(np_ridge_predict(*both, test[0], best, c).argmax(1) == test[1])
     out = lp.ridge_probe(train, val, test, num_classes=c, lambdas=lambdas)
-    assert out == pytest.approx({'top1': want, 'val_top1': max(val_acc),
-                                                              'log10_lambda': np.log10(best)})
+    assert out == pytest.approx(
+        {'top1': want, 'val_top1': max(val_acc), 'log10_lambda': np.log10(best)}
+    )
     # Separable features: the probe is perfect.
     onehot = lambda y: (np.eye(c)[y] + 0.01 * rng.normal(size=(len(y), c)), y)
     ys = [rng.integers(0, c, n) for n in (50, 20, 30)]
@@ -161,7 +171,9 @@ def np_patch_majority(seg, p):
     for i in range(b):
         for r in range(h // p):
             for c in range(w // p):
-                counts = collections.Counter(seg[i, r * p:(r + 1) * p, c * p:(c + 1) * p].ravel().tolist())
+                counts = collections.Counter(
+                    seg[i, r * p : (r + 1) * p, c * p : (c + 1) * p].ravel().tolist()
+                )
                 top = max(counts.values())
                 out[i, r, c] = min(k for k, v in counts.items() if v == top)
     return out
@@ -170,22 +182,25 @@ def np_patch_majority(seg, p):
 def test_patch_majority_and_upsample():
     seg = np.array([[[0, 0, 5, 5], [0, 3, 5, 3], [2, 2, 0, 1], [2, 1, 1, 0]]])
     assert dz.patch_majority(seg, 2, 6).tolist() == [[[0, 5], [2, 0]]]  # 0 vs 1 tie -> 0
-    np.testing.assert_array_equal(dz.upsample(np.array([[[1, 2], [3, 4]]]), 2),
-                                                                [[[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]])
+    np.testing.assert_array_equal(
+        dz.upsample(np.array([[[1, 2], [3, 4]]]), 2),
+        [[[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]],
+    )
     seg = np.random.default_rng(4).integers(0, 4, (3, 16, 16))
     np.testing.assert_array_equal(dz.patch_majority(seg, 4, 4), np_patch_majority(seg, 4))
 
 
 # --- dense zero-shot on a model whose answer is known -----------------------------------
 
+
 @pytest.mark.parametrize('background', ['prompt', 'threshold'])
 def test_dense_scoring_reaches_the_ceiling_on_features_fitted_to_the_masks(background):
     """A readout that returns each patch's majority class embedding must score the ceiling:
-  then a floor-level figure on a real model is the model's, not the evaluator's."""
+    then a floor-level figure on a real model is the model's, not the evaluator's."""
     patch, num_labels = 8, 1 + shapes.NUM_CLASSES
     source = shapes.ShapesSource('eval', image_size=64)
     seg = np.stack([source[i]['seg'] for i in range(48)])
-    majority = np_patch_majority(seg, patch)                                 # (B, 8, 8)
+    majority = np_patch_majority(seg, patch)  # (B, 8, 8)
     # Text side: class c (label c + 1) and background embed as orthogonal unit vectors.
     emb = np.eye(num_labels, dtype=np.float32)
     class_emb, bg_emb = emb[1:], emb[:1]
@@ -197,12 +212,15 @@ def test_dense_scoring_reaches_the_ceiling_on_features_fitted_to_the_masks(backg
         feats = emb[majority.reshape(len(seg), -1)]
         feats = feats + noise * rng.normal(size=feats.shape)
         feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
-        labels, obj = dz.patch_labels(jnp.asarray(feats, jnp.float32), class_emb, bg_emb,
-                                                                    background=background, threshold=0.5)
+        labels, obj = dz.patch_labels(
+            jnp.asarray(feats, jnp.float32), class_emb, bg_emb, background=background, threshold=0.5
+        )
         score = dz.SegmentationScore(num_labels, patch)
         grid = (len(seg), 8, 8)
         for s in (slice(0, 20), slice(20, None)):  # accumulated over batches
-            score.update(np.asarray(labels).reshape(grid)[s], seg[s], np.asarray(obj).reshape(grid)[s])
+            score.update(
+                np.asarray(labels).reshape(grid)[s], seg[s], np.asarray(obj).reshape(grid)[s]
+            )
         out = score.result()
         assert out['miou'] >= at_least * ceiling - 1e-9, (noise, out, ceiling)
         assert out['patch_acc'] >= at_least - 0.05 and out['object_patch_acc'] >= at_least - 0.05
@@ -213,6 +231,7 @@ def test_dense_scoring_reaches_the_ceiling_on_features_fitted_to_the_masks(backg
 
 
 # --- the evaluators on a real (random) model --------------------------------------------
+
 
 def tiny_config():
     """A 2-block ViT-32px / text model and eval sets of a few dozen examples."""
@@ -243,23 +262,33 @@ def tiny_model():
 
 def test_prompts_fill_templates_with_articles():
     prompts = common.Prompts(('orange ring', 'red circle'), ('a {}.', 'a photo of a {}.'))
-    assert prompts.texts() == ['an orange ring.', 'a photo of an orange ring.', 'a red circle.',
-                                                          'a photo of a red circle.']
+    assert prompts.texts() == [
+        'an orange ring.',
+        'a photo of an orange ring.',
+        'a red circle.',
+        'a photo of a red circle.',
+    ]
 
 
 def test_build_evaluators_from_the_tiny_clip_config():
     config = clip.get_config('tiny')
     evaluators = build_evaluators(config)
     assert sorted((e.name, type(e).__name__) for e in evaluators) == [
-            ('dense_zeroshot', 'DenseZeroShot'), ('linear_probe', 'LinearProbe'),
-            ('retrieval', 'Retrieval'), ('zeroshot', 'ZeroShot')]
+        ('dense_zeroshot', 'DenseZeroShot'),
+        ('linear_probe', 'LinearProbe'),
+        ('retrieval', 'Retrieval'),
+        ('zeroshot', 'ZeroShot'),
+    ]
     for e in evaluators:  # None in the section -> the training input's values
         assert (e.config.image_size, e.config.context_length, e.config.max_objects) == (64, 80, 3)
     assert config.eval_every > 0 and clip.get_config('b16').evals.zeroshot.num_examples > 512
     with config.unlocked():
         config.evals.retrieval.kind = 'retreival'
-    with pytest.raises(ValueError, match="unknown evaluator kind 'retreival'; valid: zeroshot, "
-                                                                              'retrieval, linear_probe, dense_zeroshot'):
+    with pytest.raises(
+        ValueError,
+        match="unknown evaluator kind 'retreival'; valid: zeroshot, "
+        'retrieval, linear_probe, dense_zeroshot',
+    ):
         build_evaluators(config)
     with pytest.raises(ValueError, match='unknown evaluator'):
         build_evaluators(clip.get_config('tiny'), ['zero'])
@@ -272,19 +301,28 @@ def test_build_evaluators_from_the_tiny_clip_config():
 def test_every_evaluator_runs_on_a_random_tiny_model(tiny_model):
     config, mesh, model = tiny_model
     evaluators = build_evaluators(config)
-    predictors = [p for e in evaluators for p in vars(e).values() if isinstance(p, common.Predictor)]
+    predictors = [
+        p for e in evaluators for p in vars(e).values() if isinstance(p, common.Predictor)
+    ]
     with jax.set_mesh(mesh):
         first = run_evaluators(evaluators, model)
         compiled = [f._cache_size() for p in predictors for f in p._jitted.values()]
         second = run_evaluators(evaluators, model)
     names = {k for k in first if not k.endswith('/seconds')}
     assert names == {
-            'eval/zeroshot/top1', 'eval/zeroshot/top5', 'eval/zeroshot/shape_top1',
-            'eval/zeroshot/colour_top1', *(f'eval/retrieval/{d}_r{k}' for d in ('i2t', 't2i')
-                                                                          for k in (1, 5, 10)),
-            'eval/linear_probe/top1', 'eval/linear_probe/val_top1', 'eval/linear_probe/log10_lambda',
-            'eval/dense_zeroshot/miou', 'eval/dense_zeroshot/patch_acc',
-            'eval/dense_zeroshot/object_patch_acc', 'eval/dense_zeroshot/miou_ceiling'}
+        'eval/zeroshot/top1',
+        'eval/zeroshot/top5',
+        'eval/zeroshot/shape_top1',
+        'eval/zeroshot/colour_top1',
+        *(f'eval/retrieval/{d}_r{k}' for d in ('i2t', 't2i') for k in (1, 5, 10)),
+        'eval/linear_probe/top1',
+        'eval/linear_probe/val_top1',
+        'eval/linear_probe/log10_lambda',
+        'eval/dense_zeroshot/miou',
+        'eval/dense_zeroshot/patch_acc',
+        'eval/dense_zeroshot/object_patch_acc',
+        'eval/dense_zeroshot/miou_ceiling',
+    }
     for k in names - {'eval/linear_probe/log10_lambda'}:
         assert 0.0 <= first[k] <= 1.0, (k, first[k])
     assert {k: first[k] for k in names} == {k: second[k] for k in names}
@@ -313,17 +351,31 @@ def test_dense_readouts_rebuild_the_vit_forward(pool):
     values = np.asarray(dz.patch_features(model, images, 'value'))
     want = vit.ln(vit.encoder.blocks[-1].attn.values(vit.encoder.blocks[-1].ln1(x)))
     want = model.image_proj(want[:, 1:] if pool == 'cls' else want)
-    np.testing.assert_allclose(values, want / np.linalg.norm(want, axis=-1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(
+        values, want / np.linalg.norm(want, axis=-1, keepdims=True), atol=1e-5
+    )
 
 
-@pytest.mark.parametrize('base, options, metrics', [
-        ('dense_zeroshot', dict(readout='tokens', background='threshold', include_background=False),
-          {'miou', 'patch_acc', 'object_patch_acc', 'miou_ceiling'}),
-        ('dense_zeroshot', dict(readout='value_residual', background='prompt'),
-          {'miou', 'patch_acc', 'object_patch_acc', 'miou_ceiling'}),
-        ('linear_probe', dict(feature='embedding', label='shape_label'),
-          {'top1', 'val_top1', 'log10_lambda'}),
-])
+@pytest.mark.parametrize(
+    'base, options, metrics',
+    [
+        (
+            'dense_zeroshot',
+            dict(readout='tokens', background='threshold', include_background=False),
+            {'miou', 'patch_acc', 'object_patch_acc', 'miou_ceiling'},
+        ),
+        (
+            'dense_zeroshot',
+            dict(readout='value_residual', background='prompt'),
+            {'miou', 'patch_acc', 'object_patch_acc', 'miou_ceiling'},
+        ),
+        (
+            'linear_probe',
+            dict(feature='embedding', label='shape_label'),
+            {'top1', 'val_top1', 'log10_lambda'},
+        ),
+    ],
+)
 def test_evaluator_options_run(tiny_model, base, options, metrics):
     config, mesh, model = tiny_model
     config = config.copy_and_resolve_references()  # the fixture's config stays as it is
@@ -389,7 +441,7 @@ print('ROWS', json.dumps(rows))
 
 def test_results_do_not_depend_on_the_mesh(python):
     """1 device vs a (2, 2, 2) mesh of 8: batches sharded over data x fsdp, params over fsdp and
-  tensor, the batch rounded up to the 4 batch shards and padded; the metrics must agree."""
+    tensor, the batch rounded up to the 4 batch shards and padded; the metrics must agree."""
     proc = python(['-c', MESH_SCRIPT], devices=8, timeout=300)
     one, eight = json.loads(proc.stdout.split('ROWS ', 1)[1])
     for k in one:
@@ -399,19 +451,42 @@ def test_results_do_not_depend_on_the_mesh(python):
 
 # --- the command line ------------------------------------------------------------------
 
-SMALL_EVALS = ['--config.evals.zeroshot.num_examples=32',
-                              '--config.evals.retrieval.num_examples=32',
-                              '--config.evals.dense_zeroshot.num_examples=16',
-                              '--config.evals.linear_probe.num_train=64', '--config.evals.linear_probe.num_val=32',
-                              '--config.evals.linear_probe.num_test=32']
+SMALL_EVALS = [
+    '--config.evals.zeroshot.num_examples=32',
+    '--config.evals.retrieval.num_examples=32',
+    '--config.evals.dense_zeroshot.num_examples=16',
+    '--config.evals.linear_probe.num_train=64',
+    '--config.evals.linear_probe.num_val=32',
+    '--config.evals.linear_probe.num_test=32',
+]
 
 
 def test_evaluate_command_on_a_trained_workdir_and_on_an_empty_one(python, tmp_path):
     wd = str(tmp_path / 'run')
-    python(['-m', 'pretrain.main', '--config', 'configs/clip.py', '--workdir', wd, *TINY,
-                    '--config.total_steps=2'])
-    proc = python(['-m', 'pretrain.evaluate', '--config', 'configs/clip.py', '--workdir', wd,
-                                  *TINY, *SMALL_EVALS])
+    python(
+        [
+            '-m',
+            'pretrain.main',
+            '--config',
+            'configs/clip.py',
+            '--workdir',
+            wd,
+            *TINY,
+            '--config.total_steps=2',
+        ]
+    )
+    proc = python(
+        [
+            '-m',
+            'pretrain.evaluate',
+            '--config',
+            'configs/clip.py',
+            '--workdir',
+            wd,
+            *TINY,
+            *SMALL_EVALS,
+        ]
+    )
     assert 'eval/zeroshot/top1' in proc.stdout and 'step 2' in proc.stdout
     with open(os.path.join(wd, 'metrics.jsonl')) as f:
         row = [json.loads(line) for line in f][-1]
@@ -421,10 +496,15 @@ def test_evaluate_command_on_a_trained_workdir_and_on_an_empty_one(python, tmp_p
 
     empty = tmp_path / 'empty'
     empty.mkdir()
-    for workdir, message in ((str(empty), 'no checkpoint in'),
-                                                      (str(tmp_path / 'missing'), 'does not exist')):
-        proc = python(['-m', 'pretrain.evaluate', '--config', 'configs/clip.py', '--workdir', workdir],
-                                    check=False, timeout=60)
+    for workdir, message in (
+        (str(empty), 'no checkpoint in'),
+        (str(tmp_path / 'missing'), 'does not exist'),
+    ):
+        proc = python(
+            ['-m', 'pretrain.evaluate', '--config', 'configs/clip.py', '--workdir', workdir],
+            check=False,
+            timeout=60,
+        )
         assert proc.returncode == 2 and message in proc.stderr
         assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert os.listdir(empty) == []  # nothing created in a workdir that has no run

@@ -130,7 +130,9 @@ def test_bad_records_are_counted_logged_and_replaced(caplog):
 
 
 def test_too_many_bad_records_raise():
-    loader = _loader(_BlankCaptions(range(0, N, 4)), max_bad_fraction=0.1, bad_fraction_min_records=0)
+    loader = _loader(
+        _BlankCaptions(range(0, N, 4)), max_bad_fraction=0.1, bad_fraction_min_records=0
+    )
     with pytest.raises(RuntimeError, match="max_bad_fraction"):
         _take(loader, N // B)
     # a few bad records at the start of a run are judged over the grace count

@@ -20,7 +20,7 @@ def np_layernorm(x, scale, bias, eps=1e-6):
 
 
 def np_gelu(x):
-    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
 def np_block(x, p, heads, causal):
@@ -44,8 +44,9 @@ def np_block(x, p, heads, causal):
 
 
 def np_params(module):
-    return jax.tree.map(lambda a: np.asarray(a, np.float64),
-                                            nnx.to_pure_dict(nnx.state(module, nnx.Param)))
+    return jax.tree.map(
+        lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(module, nnx.Param))
+    )
 
 
 @pytest.mark.parametrize('causal', [False, True])
@@ -62,8 +63,9 @@ def test_block_matches_numpy(causal):
 
 
 def test_vit_matches_numpy_and_pools():
-    vit = VisionTransformer(width=16, depth=2, heads=2, patch=4, image_size=8, pool='cls',
-                                                    rngs=nnx.Rngs(1))
+    vit = VisionTransformer(
+        width=16, depth=2, heads=2, patch=4, image_size=8, pool='cls', rngs=nnx.Rngs(1)
+    )
     img = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
     pooled, aux = vit(jnp.asarray(img))
     p = np_params(vit)
@@ -78,8 +80,9 @@ def test_vit_matches_numpy_and_pools():
     np.testing.assert_allclose(np.asarray(aux['tokens']), x[:, 1:], rtol=1e-4, atol=1e-4)
 
     for pool in ('mean', 'map'):
-        v = VisionTransformer(width=16, depth=1, heads=2, patch=4, image_size=8, pool=pool,
-                                                    rngs=nnx.Rngs(1))
+        v = VisionTransformer(
+            width=16, depth=1, heads=2, patch=4, image_size=8, pool=pool, rngs=nnx.Rngs(1)
+        )
         pooled, aux = v(jnp.asarray(img))
         assert pooled.shape == (2, 16) and aux['tokens'].shape == (2, 4, 16)
         if pool == 'mean':
@@ -87,8 +90,9 @@ def test_vit_matches_numpy_and_pools():
 
 
 def test_posemb_interpolation_runs_at_other_resolutions():
-    vit = VisionTransformer(width=16, depth=1, heads=2, patch=4, image_size=16, pool='mean',
-                                                    rngs=nnx.Rngs(0))
+    vit = VisionTransformer(
+        width=16, depth=1, heads=2, patch=4, image_size=16, pool='mean', rngs=nnx.Rngs(0)
+    )
     pooled, aux = vit(jnp.zeros((1, 24, 24, 3), jnp.uint8))
     assert aux['tokens'].shape == (1, 36, 16) and aux['grid'] == (6, 6)
     table = jnp.arange(16 * 2, dtype=jnp.float32).reshape(16, 2)
@@ -97,13 +101,107 @@ def test_posemb_interpolation_runs_at_other_resolutions():
 
 
 def test_text_pooling_ignores_padding_and_future_tokens():
-    tt = TextTransformer(width=16, depth=2, heads=2, vocab_size=20, context_length=100,
-                                              causal=True, pool='eos', rngs=nnx.Rngs(0))
+    tt = TextTransformer(
+        width=16,
+        depth=2,
+        heads=2,
+        vocab_size=20,
+        context_length=100,
+        causal=True,
+        pool='eos',
+        rngs=nnx.Rngs(0),
+    )
     a = np.array([[5, 6, 7, 1, 0, 0, 0, 0]])
-    b = np.array([[5, 6, 7, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                  0, 0, 0, 0, 0, 0, 0, 0, 0]])  # longer than CLIP's 77
+    b = np.array(
+        [
+            [
+                5,
+                6,
+                7,
+                1,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ]
+        ]
+    )  # longer than CLIP's 77
     pa, _ = tt(jnp.asarray(a))
     pb, aux = tt(jnp.asarray(b))
     np.testing.assert_allclose(pa, pb, rtol=1e-5, atol=1e-6)
@@ -111,12 +209,21 @@ def test_text_pooling_ignores_padding_and_future_tokens():
     with pytest.raises(ValueError, match='context length'):
         tt(jnp.zeros((1, 101), jnp.int32))
 
-    bi = TextTransformer(width=16, depth=1, heads=2, vocab_size=20, context_length=16,
-                                              causal=False, pool='mean', rngs=nnx.Rngs(0))
+    bi = TextTransformer(
+        width=16,
+        depth=1,
+        heads=2,
+        vocab_size=20,
+        context_length=16,
+        causal=False,
+        pool='mean',
+        rngs=nnx.Rngs(0),
+    )
     short = np.array([[5, 6, 1, 0, 0, 0]])
     padded = np.array([[5, 6, 1, 0, 0, 0, 0, 0, 0, 0]])
-    np.testing.assert_allclose(bi(jnp.asarray(short))[0], bi(jnp.asarray(padded))[0],
-                                                          rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        bi(jnp.asarray(short))[0], bi(jnp.asarray(padded))[0], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_image_text_model_outputs_unit_vectors_and_params_carry_axes():
@@ -143,6 +250,7 @@ def test_remat_gives_the_same_gradients():
         enc = layers.Encoder(16, 2, 2, 4.0, rngs=nnx.Rngs(0), remat=remat)
         x = jnp.ones((2, 3, 16))
         return nnx.grad(lambda m: (m(x) ** 2).sum())(enc)
+
     g0, g1 = grads('none'), grads('nothing_saveable')
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g0, g1)
     with pytest.raises(ValueError, match='unknown remat policy'):

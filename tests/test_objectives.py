@@ -88,7 +88,9 @@ def jax_value_and_grad(loss_fn, zimg, ztxt, scale, bias, **kwargs):
     def f(zi, zt, s, b):
         return loss_fn(zimg=zi, ztxt=zt, scale=s, bias=b, **kwargs)
 
-    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))(zimg, ztxt, scale, bias)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))(
+        zimg, ztxt, scale, bias
+    )
 
 
 def clip_with_bias(*, zimg, ztxt, scale, bias):
@@ -135,7 +137,11 @@ def test_loss_and_grads_match_numpy_f32(loss_fn, np_loss, scale, bias):
     want_loss = np_loss(zimg, ztxt, scale, bias)
     want_grads = np_grad(np_loss, [zimg, ztxt, scale, bias])
     (loss, _), grads = jax_value_and_grad(
-        loss_fn, zimg.astype(np.float32), ztxt.astype(np.float32), np.float32(scale), np.float32(bias)
+        loss_fn,
+        zimg.astype(np.float32),
+        ztxt.astype(np.float32),
+        np.float32(scale),
+        np.float32(bias),
     )
     assert loss.dtype == jnp.float32
     # atol: logits reach 100, so f32 rounding of lse - pos is ~1e-7 absolute.
@@ -376,7 +382,9 @@ def test_composite_skips_zero_weight_and_splits_rngs(monkeypatch):
 
 
 def test_build_objective_errors():
-    with pytest.raises(ValueError, match=r"unknown kind 'sigclip'.*\['clip', 'dreamlip', 'siglip'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown kind 'sigclip'.*\['clip', 'dreamlip', 'siglip'\]"
+    ):
         compose.build_objective(objectives_config(x={'kind': 'sigclip', 'weight': 1.0}))
     with pytest.raises(ValueError, match=r"unknown kind 'clipp'"):
         compose.build_objective(objectives_config(clipp={'weight': 1.0}))
@@ -392,8 +400,7 @@ def test_build_objective_errors():
 # ----------------------------------------------------------------------------
 # Sharded == unsharded (8 fake CPU devices need a fresh process)
 
-SHARDED_CHECK = textwrap.dedent(
-    """
+SHARDED_CHECK = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from pretrain.objectives.clip import clip_loss
@@ -426,8 +433,7 @@ SHARDED_CHECK = textwrap.dedent(
             err = np.max(np.abs(np.asarray(g, np.float64) - np.asarray(w, np.float64)))
             assert err <= 1e-5, (name, jax.tree_util.keystr(path[0]), err)
         print(name, 'ok', float(got[0][0]))
-    """
-)
+    """)
 
 
 def test_sharded_matches_unsharded():
@@ -438,7 +444,12 @@ def test_sharded_matches_unsharded():
         'PYTHONPATH': os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]),
     }
     result = subprocess.run(
-        [sys.executable, '-c', SHARDED_CHECK], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, '-c', SHARDED_CHECK],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count(' ok ') == 4, result.stdout

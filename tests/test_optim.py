@@ -41,6 +41,7 @@ def model_params(config):
 
 # -- weight-decay mask ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize('pool', ['cls', 'map'])
 def test_decay_mask_on_image_text_model(pool):
     params = model_params(tiny_config(f'--config.model.image.pool={pool}'))
@@ -55,13 +56,27 @@ def test_decay_mask_on_image_text_model(pool):
         assert decayed == want, f'{name} {shapes[name]}: decay {decayed}, want {want}'
 
     # The ones that matter, by name (and that the rule above is not vacuous).
-    for name in ['image/encoder/blocks/0/mlp/fc1/kernel', 'image/encoder/blocks/0/attn/qkv/kernel',
-                              'image/embed/kernel', 'image_proj/kernel', 'text_proj/kernel',
-                              'text/encoder/blocks/0/attn/out/kernel']:
+    for name in [
+        'image/encoder/blocks/0/mlp/fc1/kernel',
+        'image/encoder/blocks/0/attn/qkv/kernel',
+        'image/embed/kernel',
+        'image_proj/kernel',
+        'text_proj/kernel',
+        'text/encoder/blocks/0/attn/out/kernel',
+    ]:
         assert mask[name], name
-    for name in ['image/pos', 'text/pos', 'text/tok', 'logit_scale', 'logit_bias',
-                              'image/ln/scale', 'image/ln/bias', 'image/encoder/blocks/0/ln1/scale',
-                              'image/encoder/blocks/0/mlp/fc1/bias', 'image/embed/bias']:
+    for name in [
+        'image/pos',
+        'text/pos',
+        'text/tok',
+        'logit_scale',
+        'logit_bias',
+        'image/ln/scale',
+        'image/ln/bias',
+        'image/encoder/blocks/0/ln1/scale',
+        'image/encoder/blocks/0/mlp/fc1/bias',
+        'image/embed/bias',
+    ]:
         assert not mask[name], name
     if pool == 'cls':
         assert not mask['image/cls']
@@ -73,9 +88,12 @@ def test_decay_mask_on_image_text_model(pool):
 
 # -- layer-wise lr decay -------------------------------------------------------------------
 
+
 def test_layer_decay_scales_by_hand():
     d_img, d_txt, decay = 3, 2, 0.7
-    config = tiny_config(f'--config.model.image.depth={d_img}', f'--config.model.text.depth={d_txt}')
+    config = tiny_config(
+        f'--config.model.image.depth={d_img}', f'--config.model.text.depth={d_txt}'
+    )
     params = model_params(config)
     scales = leaves_by_name(optim.layer_decay_scales(params, decay))
 
@@ -97,16 +115,17 @@ def test_layer_decay_scales_by_hand():
         assert math.isclose(float(got), want(name), rel_tol=1e-12), (name, got, want(name))
         checked.add(name)
     # Spot values written out, so the hand rule above cannot drift with the code.
-    assert math.isclose(scales['image/encoder/blocks/0/mlp/fc1/kernel'], 0.7 ** 3)
+    assert math.isclose(scales['image/encoder/blocks/0/mlp/fc1/kernel'], 0.7**3)
     assert math.isclose(scales['image/encoder/blocks/2/attn/qkv/bias'], 0.7)
-    assert math.isclose(scales['image/embed/kernel'], 0.7 ** 4)
-    assert math.isclose(scales['image/pos'], 0.7 ** 4)
-    assert math.isclose(scales['text/tok'], 0.7 ** 3)
+    assert math.isclose(scales['image/embed/kernel'], 0.7**4)
+    assert math.isclose(scales['image/pos'], 0.7**4)
+    assert math.isclose(scales['text/tok'], 0.7**3)
     assert math.isclose(scales['text/encoder/blocks/1/ln2/scale'], 0.7)
     assert scales['image/ln/scale'] == scales['text_proj/kernel'] == scales['logit_scale'] == 1.0
 
 
 # -- schedule ------------------------------------------------------------------------------
+
 
 def np_schedule(t, *, lr, warmup, total, end):
     if t < warmup:
@@ -116,16 +135,18 @@ def np_schedule(t, *, lr, warmup, total, end):
     return end + (lr - end) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-@pytest.mark.parametrize('warmup,total,end_factor', [(10, 100, 0.0), (3, 20, 0.1), (0, 10, 0.0),
-                                                                                                          (5, 5, 0.0)])
+@pytest.mark.parametrize(
+    'warmup,total,end_factor', [(10, 100, 0.0), (3, 20, 0.1), (0, 10, 0.0), (5, 5, 0.0)]
+)
 def test_schedule_matches_formula(warmup, total, end_factor):
     cfg = clip.get_config().optim
     cfg.update(dict(lr=3e-3, warmup_steps=warmup, end_lr_factor=end_factor))
     sched = optim.schedule(cfg, total)
     steps = np.arange(0, total + 6)
     got = np.asarray([float(sched(t)) for t in steps])
-    want = np.asarray([np_schedule(t, lr=3e-3, warmup=warmup, total=total, end=3e-3 * end_factor)
-                                          for t in steps])
+    want = np.asarray(
+        [np_schedule(t, lr=3e-3, warmup=warmup, total=total, end=3e-3 * end_factor) for t in steps]
+    )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-10)
     if warmup:
         assert got[0] == 0.0
@@ -136,19 +157,24 @@ def test_schedule_matches_formula(warmup, total, end_factor):
 
 # -- AdamW against numpy -------------------------------------------------------------------
 
+
 def toy_params():
     rng = np.random.default_rng(0)
     f = lambda *s: rng.normal(size=s).astype(np.float32)
     return {
-            'image': {'embed': {'kernel': f(6, 4), 'bias': f(4)},
-                                'pos': f(3, 4),
-                                'encoder': {'blocks': {0: {'mlp': {'fc1': {'kernel': f(4, 8), 'bias': f(8)}},
-                                                                                      'ln1': {'scale': f(4)}},
-                                                                              1: {'mlp': {'fc1': {'kernel': f(4, 8), 'bias': f(8)}},
-                                                                                      'ln1': {'scale': f(4)}}}},
-                                'ln': {'scale': f(4)}},
-            'proj': {'kernel': f(4, 2)},
-            'logit_scale': np.float32(2.0),
+        'image': {
+            'embed': {'kernel': f(6, 4), 'bias': f(4)},
+            'pos': f(3, 4),
+            'encoder': {
+                'blocks': {
+                    0: {'mlp': {'fc1': {'kernel': f(4, 8), 'bias': f(8)}}, 'ln1': {'scale': f(4)}},
+                    1: {'mlp': {'fc1': {'kernel': f(4, 8), 'bias': f(8)}}, 'ln1': {'scale': f(4)}},
+                }
+            },
+            'ln': {'scale': f(4)},
+        },
+        'proj': {'kernel': f(4, 2)},
+        'logit_scale': np.float32(2.0),
     }
 
 
@@ -160,13 +186,13 @@ def np_adamw(params, grads_seq, *, lr_fn, b1, b2, eps, wd, clip, decay_fn, scale
     out = []
     for t, grads in enumerate(grads_seq, start=1):
         g = {k: x.astype(np.float64) for k, x in grads.items()}
-        norm = math.sqrt(sum(float((x ** 2).sum()) for x in g.values()))
+        norm = math.sqrt(sum(float((x**2).sum()) for x in g.values()))
         if clip and norm > clip:
             g = {k: x * clip / norm for k, x in g.items()}
         for k in p:
             m[k] = b1 * m[k] + (1 - b1) * g[k]
             v2[k] = b2 * v2[k] + (1 - b2) * g[k] ** 2
-            u = (m[k] / (1 - b1 ** t)) / (np.sqrt(v2[k] / (1 - b2 ** t)) + eps)
+            u = (m[k] / (1 - b1**t)) / (np.sqrt(v2[k] / (1 - b2**t)) + eps)
             if decay_fn(k):
                 u = u + wd * p[k]
             p[k] = p[k] - lr_fn(t - 1) * scale_fn(k) * u
@@ -177,17 +203,27 @@ def np_adamw(params, grads_seq, *, lr_fn, b1, b2, eps, wd, clip, decay_fn, scale
 @pytest.mark.parametrize('layer_decay', [1.0, 0.5])
 def test_make_optimizer_matches_numpy_adamw(layer_decay):
     cfg = clip.get_config().optim
-    cfg.update(dict(lr=0.05, warmup_steps=1, weight_decay=0.3, clip_norm=1.0, end_lr_factor=0.1,
-                                    layer_decay=layer_decay))
+    cfg.update(
+        dict(
+            lr=0.05,
+            warmup_steps=1,
+            weight_decay=0.3,
+            clip_norm=1.0,
+            end_lr_factor=0.1,
+            layer_decay=layer_decay,
+        )
+    )
     total = 4
     params = toy_params()
     tx = optim.make_optimizer(cfg, params, total)
     rng = np.random.default_rng(1)
     # Step 1 and 3 are clipped (global norm >> 1), step 2 is not.
     scales = [10.0, 0.01, 3.0]
-    grads_seq = [jax.tree.map(lambda x, s=s: (s * rng.normal(size=np.shape(x))).astype(np.float32),
-                                                        params) for s in scales]
-    norms = [math.sqrt(sum(float((g ** 2).sum()) for g in jax.tree.leaves(gs))) for gs in grads_seq]
+    grads_seq = [
+        jax.tree.map(lambda x, s=s: (s * rng.normal(size=np.shape(x))).astype(np.float32), params)
+        for s in scales
+    ]
+    norms = [math.sqrt(sum(float((g**2).sum()) for g in jax.tree.leaves(gs))) for gs in grads_seq]
     assert norms[0] > 1 and norms[1] < 1 and norms[2] > 1
 
     opt_state = tx.init(params)
@@ -199,24 +235,39 @@ def test_make_optimizer_matches_numpy_adamw(layer_decay):
         got.append(leaves_by_name(p))
 
     flat = leaves_by_name(params)
-    no_decay = {'image/embed/bias', 'image/pos', 'image/encoder/blocks/0/mlp/fc1/bias',
-                            'image/encoder/blocks/0/ln1/scale', 'image/encoder/blocks/1/mlp/fc1/bias',
-                            'image/encoder/blocks/1/ln1/scale', 'image/ln/scale', 'logit_scale'}
+    no_decay = {
+        'image/embed/bias',
+        'image/pos',
+        'image/encoder/blocks/0/mlp/fc1/bias',
+        'image/encoder/blocks/0/ln1/scale',
+        'image/encoder/blocks/1/mlp/fc1/bias',
+        'image/encoder/blocks/1/ln1/scale',
+        'image/ln/scale',
+        'logit_scale',
+    }
     # Layer scales by hand: image tower depth 2; blocks i -> d**(2-i), embed/pos -> d**3.
     d = layer_decay
-    hand_scales = {'image/embed/kernel': d ** 3, 'image/embed/bias': d ** 3, 'image/pos': d ** 3}
+    hand_scales = {'image/embed/kernel': d**3, 'image/embed/bias': d**3, 'image/pos': d**3}
     for i in (0, 1):
         for leaf in ('mlp/fc1/kernel', 'mlp/fc1/bias', 'ln1/scale'):
             hand_scales[f'image/encoder/blocks/{i}/{leaf}'] = d ** (2 - i)
     want = np_adamw(
-            flat, [leaves_by_name(g) for g in grads_seq],
-            lr_fn=lambda c: np_schedule(c, lr=0.05, warmup=1, total=total, end=0.005),
-            b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, wd=0.3, clip=1.0,
-            decay_fn=lambda k: k not in no_decay, scale_fn=lambda k: hand_scales.get(k, 1.0))
+        flat,
+        [leaves_by_name(g) for g in grads_seq],
+        lr_fn=lambda c: np_schedule(c, lr=0.05, warmup=1, total=total, end=0.005),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        wd=0.3,
+        clip=1.0,
+        decay_fn=lambda k: k not in no_decay,
+        scale_fn=lambda k: hand_scales.get(k, 1.0),
+    )
     for step, (g, w) in enumerate(zip(got, want), start=1):
         for k in flat:
-            np.testing.assert_allclose(np.asarray(g[k]), w[k], rtol=2e-5, atol=2e-6,
-                                                                  err_msg=f'step {step} {k}')
+            np.testing.assert_allclose(
+                np.asarray(g[k]), w[k], rtol=2e-5, atol=2e-6, err_msg=f'step {step} {k}'
+            )
     # The first update runs at lr(0) = 0 (warmup from 0): parameters only move from step 2.
     for k in flat:
         np.testing.assert_array_equal(np.asarray(got[0][k]), flat[k])
@@ -226,9 +277,12 @@ def test_make_optimizer_matches_numpy_adamw(layer_decay):
 @pytest.mark.parametrize('layer_decay', [1.0, 0.5])
 def test_mask_and_layer_scales_reach_nnx_optimizer(layer_decay):
     """Through nnx.Optimizer on the real model: with zero gradients Adam's step is 0, so only
-  decoupled weight decay moves a parameter, by lr * wd * layer scale, and only if masked in."""
-    config = tiny_config('--config.model.image.depth=2', '--config.optim.warmup_steps=0',
-                                              f'--config.optim.layer_decay={layer_decay}')
+    decoupled weight decay moves a parameter, by lr * wd * layer scale, and only if masked in."""
+    config = tiny_config(
+        '--config.model.image.depth=2',
+        '--config.optim.warmup_steps=0',
+        f'--config.optim.layer_decay={layer_decay}',
+    )
     model = ImageTextModel(config.model, rngs=nnx.Rngs(0))
     params = nnx.as_pure(nnx.state(model, nnx.Param))
     optimizer = nnx.Optimizer(model, optim.make_optimizer(config.optim, params, 10), wrt=nnx.Param)
@@ -237,19 +291,30 @@ def test_mask_and_layer_scales_reach_nnx_optimizer(layer_decay):
     after = jax.tree.map(np.asarray, leaves_by_name(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
     lr, wd = config.optim.lr, config.optim.weight_decay
     blocks = 'image/encoder/blocks'
-    hand = {f'{blocks}/0/mlp/fc1/kernel': layer_decay ** 2, f'{blocks}/1/mlp/fc1/kernel': layer_decay,
-                    'image/embed/kernel': layer_decay ** 3, 'image_proj/kernel': 1.0}
+    hand = {
+        f'{blocks}/0/mlp/fc1/kernel': layer_decay**2,
+        f'{blocks}/1/mlp/fc1/kernel': layer_decay,
+        'image/embed/kernel': layer_decay**3,
+        'image_proj/kernel': 1.0,
+    }
     for name, scale in hand.items():
-        np.testing.assert_allclose(after[name], before[name] * (1 - lr * wd * scale), rtol=1e-6,
-                                                              err_msg=name)
-    for name in ('image/pos', 'text/tok', 'image/ln/scale', f'{blocks}/0/mlp/fc1/bias',
-                              'logit_scale'):
+        np.testing.assert_allclose(
+            after[name], before[name] * (1 - lr * wd * scale), rtol=1e-6, err_msg=name
+        )
+    for name in (
+        'image/pos',
+        'text/tok',
+        'image/ln/scale',
+        f'{blocks}/0/mlp/fc1/bias',
+        'logit_scale',
+    ):
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
     moved = {k for k in before if not np.array_equal(after[k], before[k])}
     assert moved == {k for k in before if k.endswith('kernel')}
 
 
 # -- gradient accumulation -----------------------------------------------------------------
+
 
 def test_microbatches_strided_layout():
     batch = {'image': np.arange(12 * 2).reshape(12, 2), 'text': np.arange(12)[:, None, None] * 10}
@@ -265,14 +330,16 @@ def test_microbatches_strided_layout():
 
 class MeanSquaredEmbedding:
     """A loss that is a mean over examples: mean_i |e_img(i) - c|^2 + |e_txt(i)|^2 / 2."""
+
     fields = ('image', 'text')
 
     def __call__(self, model, batch, *, rng, train):
         del rng
         _, img = model.encode_image(batch['image'], train=train)
         _, txt = model.encode_text(batch['text'], train=train)
-        per_example = (jnp.square(img['img/emb'] - 0.3).sum(-1)
-                                      + 0.5 * jnp.square(txt['txt/emb']).sum(-1))
+        per_example = jnp.square(img['img/emb'] - 0.3).sum(-1) + 0.5 * jnp.square(
+            txt['txt/emb']
+        ).sum(-1)
         return per_example.mean(), {'img_norm': jnp.linalg.norm(img['img/emb'], axis=-1).mean()}
 
 
@@ -295,9 +362,15 @@ def test_grad_accum_equals_full_batch():
         optimizer = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
         graphdef, state = nnx.split((model, optimizer))
         before = jax.tree.map(np.asarray, leaves_by_name(nnx.to_pure_dict(state[0])))
-        fn = jax.jit(step_lib.make_train_step(graphdef, MeanSquaredEmbedding(),
-                                                                                    lr_schedule=lambda s: 1.0, seed=0,
-                                                                                    grad_accum=grad_accum))
+        fn = jax.jit(
+            step_lib.make_train_step(
+                graphdef,
+                MeanSquaredEmbedding(),
+                lr_schedule=lambda s: 1.0,
+                seed=0,
+                grad_accum=grad_accum,
+            )
+        )
         state, metrics = fn(state, batch)
         after = jax.tree.map(np.asarray, leaves_by_name(nnx.to_pure_dict(state[0])))
         return before, after, jax.device_get(metrics)
@@ -330,25 +403,39 @@ def test_grad_accum_step_runs_on_real_model_with_adamw():
     """The jitted step as train.py builds it (shardings, donation), CLIP, grad_accum=2."""
     config = tiny_config('--config.grad_accum=2', '--config.total_steps=3')
     from pretrain.objectives import compose
+
     objective = compose.build_objective(config.objectives)
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh):
         graphdef, state, shardings = train.init_train_state(config, mesh)
         sched = optim.schedule(config.optim, config.total_steps)
-        fn = jax.jit(step_lib.make_train_step(graphdef, objective, lr_schedule=sched,
-                                                                                    seed=config.seed, grad_accum=config.grad_accum),
-                                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+        fn = jax.jit(
+            step_lib.make_train_step(
+                graphdef,
+                objective,
+                lr_schedule=sched,
+                seed=config.seed,
+                grad_accum=config.grad_accum,
+            ),
+            in_shardings=(shardings, sharding.batch_sharding(mesh)),
+            out_shardings=(shardings, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
         losses = []
         for i in range(3):
             host_batch = random_batch(config, config.batch_size, seed=i)
             if i == 0:
                 # CLIP under accumulation sees each strided micro-batch's own negatives (step.py):
                 # the step's loss is the mean of the loss on rows 0,2,4,... and on rows 1,3,5,...
-                loss_of = jax.jit(lambda st, b: objective(nnx.merge(graphdef, st)[0], b, rng=None,
-                                                                                                    train=True)[0])
-                want = np.mean([float(loss_of(state, {k: v[j::2] for k, v in host_batch.items()}))
-                                                for j in range(2)])
+                loss_of = jax.jit(
+                    lambda st, b: objective(nnx.merge(graphdef, st)[0], b, rng=None, train=True)[0]
+                )
+                want = np.mean(
+                    [
+                        float(loss_of(state, {k: v[j::2] for k, v in host_batch.items()}))
+                        for j in range(2)
+                    ]
+                )
                 full = float(loss_of(state, host_batch))
             batch = sharding.global_batch(host_batch, mesh)
             state, metrics = fn(state, batch)

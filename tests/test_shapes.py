@@ -90,16 +90,25 @@ def test_masks_boxes_depth_agree(records):
                 assert depth[mask][0] < depth[inst == k][0]
             x, y, w, h = r["boxes"][k].astype(int)
             ys, xs = np.nonzero(mask)
-            assert (x, y, w, h) == (xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min())
-        assert not r["boxes"][len(objects):].any()
-        assert not r["obj_valid"][len(objects):].any()
+            assert (x, y, w, h) == (
+                xs.min(),
+                ys.min(),
+                xs.max() + 1 - xs.min(),
+                ys.max() + 1 - ys.min(),
+            )
+        assert not r["boxes"][len(objects) :].any()
+        assert not r["obj_valid"][len(objects) :].any()
         main = int(np.argmax(areas))
         assert r["label"] == objects[main][0] * 6 + objects[main][1]
 
 
 def test_objects_are_several_patches_and_background_is_not_an_object_colour(records):
-    large = [r["instance"] == k + 1 for r in records for k in range(3)
-             if r["obj_valid"][k] and r["obj_size"][k] == 1]
+    large = [
+        r["instance"] == k + 1
+        for r in records
+        for k in range(3)
+        if r["obj_valid"][k] and r["obj_size"][k] == 1
+    ]
     assert min(m.sum() for m in large) > 2 * 64  # > 2 patches of 8x8 even for thin shapes
     palette = shapes._RGB.astype(np.float32)
     for r in records[:16]:

@@ -25,8 +25,12 @@ STEPS = 8
 
 
 # The shapes below rely on these widths; pinned here in case TINY changes.
-PIN = ['--config.model.image.width=32', '--config.model.text.width=32',
-              '--config.model.image.heads=2', '--config.model.text.heads=2']
+PIN = [
+    '--config.model.image.width=32',
+    '--config.model.text.width=32',
+    '--config.model.image.heads=2',
+    '--config.model.text.heads=2',
+]
 
 
 def tiny_config(*extra):
@@ -40,25 +44,36 @@ def rel(a, b):
 
 # -- mesh shape ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('sizes,devices,want', [
+
+@pytest.mark.parametrize(
+    'sizes,devices,want',
+    [
         ((-1, 1, 1), 8, (8, 1, 1)),
         ((2, -1, 2), 8, (2, 2, 2)),
         ((1, 1, -1), 4, (1, 1, 4)),
         ((2, 2, 2), 8, (2, 2, 2)),
         ((-1, 1, 1), 1, (1, 1, 1)),
         ((1, 2, 1), 2, (1, 2, 1)),
-])
+    ],
+)
 def test_mesh_shape(sizes, devices, want):
     assert sharding.mesh_shape(dict(zip(sharding.AXES, sizes)), devices) == want
 
 
-@pytest.mark.parametrize('sizes,devices,message', [
-        ((-1, -1, 1), 8, r"at most one axis may be -1, got \{'data': -1, 'fsdp': -1, 'tensor': 1\}"),
+@pytest.mark.parametrize(
+    'sizes,devices,message',
+    [
+        (
+            (-1, -1, 1),
+            8,
+            r"at most one axis may be -1, got \{'data': -1, 'fsdp': -1, 'tensor': 1\}",
+        ),
         ((2, 2, 1), 8, r"needs 4 devices, 8 are present"),
         ((2, 2, 4), 8, r"needs 16 devices, 8 are present"),
         ((3, -1, 1), 8, r"mesh \{'data': 3, 'fsdp': -1, 'tensor': 1\} does not divide 8 devices"),
         ((1, 1, 2), 1, r"needs 2 devices, 1 are present"),
-])
+    ],
+)
 def test_mesh_shape_errors(sizes, devices, message):
     with pytest.raises(ValueError, match=message):
         sharding.mesh_shape(dict(zip(sharding.AXES, sizes)), devices)
@@ -79,6 +94,7 @@ def test_make_mesh_axes_are_auto():
 
 
 # -- parameter shardings (abstract meshes: no devices needed) ------------------------------
+
 
 def abstract_mesh(sizes):
     return AbstractMesh(tuple(sizes), sharding.AXES, axis_types=(AxisType.Auto,) * 3)
@@ -115,28 +131,29 @@ def tiny_abstract():
 
 def test_state_shardings_on_2x2x2(tiny_abstract):
     config, abstract = tiny_abstract
-    specs = specs_by_name(sharding.state_shardings(abstract, abstract_mesh((2, 2, 2)),
-                                                                                                  config.mesh.rules))
+    specs = specs_by_name(
+        sharding.state_shardings(abstract, abstract_mesh((2, 2, 2)), config.mesh.rules)
+    )
     blk = 'image/encoder/blocks/0'
     want = {
-            f'0/{blk}/mlp/fc1/kernel': ('fsdp', 'tensor'),  # (embed, mlp)
-            f'0/{blk}/mlp/fc2/kernel': ('tensor', 'fsdp'),  # (mlp, embed)
-            f'0/{blk}/attn/qkv/kernel': ('fsdp', 'tensor'),
-            f'0/{blk}/attn/out/kernel': ('tensor', 'fsdp'),
-            f'0/{blk}/mlp/fc1/bias': ('tensor',),
-            f'0/{blk}/ln1/scale': (),                       # norms replicated
-            f'0/{blk}/ln2/bias': (),
-            '0/image/ln/scale': (),
-            '0/text/tok': ('tensor', 'fsdp'),               # 258 rows split in 2: fine
-            '0/image/pos': (None, 'fsdp'),
-            '0/image_proj/kernel': ('fsdp',),
-            '0/logit_scale': (),
-            # Adam moments follow their parameters; counters replicated.
-            f'1/opt_state/1/mu/{blk}/mlp/fc1/kernel': ('fsdp', 'tensor'),
-            f'1/opt_state/1/nu/{blk}/mlp/fc1/kernel': ('fsdp', 'tensor'),
-            '1/opt_state/1/nu/text/tok': ('tensor', 'fsdp'),
-            '1/opt_state/1/count': (),
-            '1/step': (),
+        f'0/{blk}/mlp/fc1/kernel': ('fsdp', 'tensor'),  # (embed, mlp)
+        f'0/{blk}/mlp/fc2/kernel': ('tensor', 'fsdp'),  # (mlp, embed)
+        f'0/{blk}/attn/qkv/kernel': ('fsdp', 'tensor'),
+        f'0/{blk}/attn/out/kernel': ('tensor', 'fsdp'),
+        f'0/{blk}/mlp/fc1/bias': ('tensor',),
+        f'0/{blk}/ln1/scale': (),  # norms replicated
+        f'0/{blk}/ln2/bias': (),
+        '0/image/ln/scale': (),
+        '0/text/tok': ('tensor', 'fsdp'),  # 258 rows split in 2: fine
+        '0/image/pos': (None, 'fsdp'),
+        '0/image_proj/kernel': ('fsdp',),
+        '0/logit_scale': (),
+        # Adam moments follow their parameters; counters replicated.
+        f'1/opt_state/1/mu/{blk}/mlp/fc1/kernel': ('fsdp', 'tensor'),
+        f'1/opt_state/1/nu/{blk}/mlp/fc1/kernel': ('fsdp', 'tensor'),
+        '1/opt_state/1/nu/text/tok': ('tensor', 'fsdp'),
+        '1/opt_state/1/count': (),
+        '1/step': (),
     }
     for name, spec in want.items():
         assert normalise(specs[name]) == spec, (name, specs[name])
@@ -145,7 +162,7 @@ def test_state_shardings_on_2x2x2(tiny_abstract):
         for moment in ('mu', 'nu'):
             prefix = f'1/opt_state/1/{moment}/'
             if name.startswith(prefix):
-                assert spec == specs['0/' + name[len(prefix):]], name
+                assert spec == specs['0/' + name[len(prefix) :]], name
     # Something substantial is sharded over both model axes.
     both = [n for n, s in specs.items() if 'fsdp' in s and 'tensor' in s and n.startswith('0/')]
     assert len(both) >= 8, both
@@ -155,24 +172,26 @@ def test_state_shardings_fall_back_to_replication(tiny_abstract):
     config, abstract = tiny_abstract
     # tensor=4 does not divide the 258-token vocabulary: that dimension is replicated, the
     # embedding dimension stays split over fsdp. The 32-wide kernels still split 4-way.
-    specs = specs_by_name(sharding.state_shardings(abstract, abstract_mesh((1, 2, 4)),
-                                                                                                  config.mesh.rules))
+    specs = specs_by_name(
+        sharding.state_shardings(abstract, abstract_mesh((1, 2, 4)), config.mesh.rules)
+    )
     assert normalise(specs['0/text/tok']) == (None, 'fsdp')
     assert normalise(specs['1/opt_state/1/mu/text/tok']) == (None, 'fsdp')
     assert normalise(specs['0/image/encoder/blocks/0/attn/qkv/kernel']) == ('fsdp', 'tensor')
     # fsdp=3 divides none of the model-width (32) dimensions: nothing is split at all.
-    specs = specs_by_name(sharding.state_shardings(abstract, abstract_mesh((1, 3, 1)),
-                                                                                                  config.mesh.rules))
+    specs = specs_by_name(
+        sharding.state_shardings(abstract, abstract_mesh((1, 3, 1)), config.mesh.rules)
+    )
     assert all('fsdp' not in s for s in specs.values()), specs
 
 
 def test_state_shardings_odd_shapes_and_tuple_axes():
     class Odd(nnx.Module):
         def __init__(self, rngs):
-            self.a = layers.param(rngs, layers.zeros, (3, 8), ('embed', 'mlp'))   # 3 % 2 != 0
-            self.b = layers.param(rngs, layers.zeros, (6, 5), ('embed', 'mlp'))   # 5 % 2 != 0
+            self.a = layers.param(rngs, layers.zeros, (3, 8), ('embed', 'mlp'))  # 3 % 2 != 0
+            self.b = layers.param(rngs, layers.zeros, (6, 5), ('embed', 'mlp'))  # 5 % 2 != 0
             self.c = layers.param(rngs, layers.zeros, (4, 8), ('batchy', 'mlp'))  # tuple rule
-            self.d = layers.param(rngs, layers.zeros, (6, 8), ('batchy', None))   # 6 % 4 != 0
+            self.d = layers.param(rngs, layers.zeros, (6, 8), ('batchy', None))  # 6 % 4 != 0
 
     rules = (('embed', 'fsdp'), ('mlp', 'tensor'), ('batchy', ('data', 'fsdp')))
     with nnx.use_eager_sharding(False):
@@ -186,23 +205,32 @@ def test_state_shardings_odd_shapes_and_tuple_axes():
 
 # -- 1 vs 8 devices: the same run ----------------------------------------------------------
 
+
 def _launch(devices, meshes):
     env = dict(os.environ)
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
     env['JAX_PLATFORMS'] = 'cpu'
-    args = [sys.executable, os.path.join(ROOT, 'tests', 'mesh_run.py'), f'--steps={STEPS}',
-                    *(f'--mesh={m}' for m in meshes), *TINY, *PIN]
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                                    stderr=subprocess.PIPE, text=True)
+    args = [
+        sys.executable,
+        os.path.join(ROOT, 'tests', 'mesh_run.py'),
+        f'--steps={STEPS}',
+        *(f'--mesh={m}' for m in meshes),
+        *TINY,
+        *PIN,
+    ]
+    return subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _report(proc, timeout=600):
     out, err = proc.communicate(timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f'mesh_run exit {proc.returncode}\nstdout:\n{out[-4000:]}\n'
-                                                  f'stderr:\n{err[-4000:]}')
+        raise AssertionError(
+            f'mesh_run exit {proc.returncode}\nstdout:\n{out[-4000:]}\n' f'stderr:\n{err[-4000:]}'
+        )
     line = [l for l in out.splitlines() if l.startswith('MESH_RUN_JSON ')][-1]
-    return json.loads(line[len('MESH_RUN_JSON '):])
+    return json.loads(line[len('MESH_RUN_JSON ') :])
 
 
 @pytest.fixture(scope='module')
@@ -218,8 +246,13 @@ def runs():
                 proc.kill()
                 proc.communicate()
     assert r1['device_count'] == 1 and r8['device_count'] == 8
-    named = {'1': r1['runs'][0], '1:2': r1['runs'][1],
-                      '222': r8['runs'][0], '8': r8['runs'][1], '222:2': r8['runs'][2]}
+    named = {
+        '1': r1['runs'][0],
+        '1:2': r1['runs'][1],
+        '222': r8['runs'][0],
+        '8': r8['runs'][1],
+        '222:2': r8['runs'][2],
+    }
     assert named['222']['mesh'] == {'data': 2, 'fsdp': 2, 'tensor': 2}
     assert named['8']['mesh'] == {'data': 8, 'fsdp': 1, 'tensor': 1}
     assert named['222:2']['grad_accum'] == 2 and named['1:2']['grad_accum'] == 2
@@ -240,8 +273,10 @@ def test_losses_agree_with_single_device(runs, mesh):
     a, b = runs['1'], runs[mesh]
     diffs = [rel(x, y) for x, y in zip(a['losses'], b['losses'])]
     gdiffs = [rel(x, y) for x, y in zip(a['grad_norms'], b['grad_norms'])]
-    print(f'\n1 vs {mesh}: loss rel diff step 1 {diffs[0]:.2e}, max {max(diffs):.2e}; '
-                f'grad-norm max {max(gdiffs):.2e}')
+    print(
+        f'\n1 vs {mesh}: loss rel diff step 1 {diffs[0]:.2e}, max {max(diffs):.2e}; '
+        f'grad-norm max {max(gdiffs):.2e}'
+    )
     assert len(diffs) == STEPS
     assert diffs[0] <= 1e-5, diffs
     assert max(diffs) <= 1e-3, diffs
@@ -254,8 +289,10 @@ def test_final_parameters_agree_with_single_device(runs, mesh):
     a, b = runs['1']['final_norms'], runs[mesh]['final_norms']
     assert a.keys() == b.keys()
     worst = max(rel(a[k], b[k]) for k in a)
-    print(f'\n1 vs {mesh}: final per-parameter norm rel diff max {worst:.2e}, '
-                f"global {rel(a['global'], b['global']):.2e}")
+    print(
+        f'\n1 vs {mesh}: final per-parameter norm rel diff max {worst:.2e}, '
+        f"global {rel(a['global'], b['global']):.2e}"
+    )
     assert rel(a['global'], b['global']) <= 1e-4
     assert worst <= 1e-3
     assert runs[mesh]['final_digest'] != runs[mesh]['init_digest']  # parameters moved

@@ -216,7 +216,9 @@ def _sample_objects(rng, num_objects: int, size: int) -> list[_Object]:
             continue
         rgb = np.clip(_RGB[colour] + rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1, 3), 0, 255)
         objects.append(
-            _Object(colour, shape, size_idx, float(cx), float(cy), float(radius), rgb.astype(np.uint8))
+            _Object(
+                colour, shape, size_idx, float(cx), float(cy), float(radius), rgb.astype(np.uint8)
+            )
         )
     return objects
 
@@ -224,12 +226,20 @@ def _sample_objects(rng, num_objects: int, size: int) -> list[_Object]:
 # ----------------------------------------------------------------------------
 # Text. Captions are built from the scene plus their own random draws.
 
-_POSITIONS = (("top left", "top", "top right"), ("left", "center", "right"),
-              ("bottom left", "bottom", "bottom right"))
+_POSITIONS = (
+    ("top left", "top", "top right"),
+    ("left", "center", "right"),
+    ("bottom left", "bottom", "bottom right"),
+)
 _POSITION_PHRASES = {
-    "top left": "in the top left", "top": "at the top", "top right": "in the top right",
-    "left": "on the left", "center": "in the center", "right": "on the right",
-    "bottom left": "in the bottom left", "bottom": "at the bottom",
+    "top left": "in the top left",
+    "top": "at the top",
+    "top right": "in the top right",
+    "left": "on the left",
+    "center": "in the center",
+    "right": "on the right",
+    "bottom left": "in the bottom left",
+    "bottom": "at the bottom",
     "bottom right": "in the bottom right",
 }
 _NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight")
@@ -265,11 +275,32 @@ def short_caption(objects: list[_Object], rng) -> str:
 
 
 _FILLERS = (
-    "stock photo", "free download", "vector illustration", "clipart", "hd wallpaper",
-    "royalty free", "abstract geometric background", "shapes", "png", "jpg",
-    "click to enlarge", "design element", "icon set", "kids learning shapes",
-    "flat design", "template", "pattern", "cute", "best price", "high resolution",
-    "simple", "graphic", "cartoon", "educational", "new", "sale",
+    "stock photo",
+    "free download",
+    "vector illustration",
+    "clipart",
+    "hd wallpaper",
+    "royalty free",
+    "abstract geometric background",
+    "shapes",
+    "png",
+    "jpg",
+    "click to enlarge",
+    "design element",
+    "icon set",
+    "kids learning shapes",
+    "flat design",
+    "template",
+    "pattern",
+    "cute",
+    "best price",
+    "high resolution",
+    "simple",
+    "graphic",
+    "cartoon",
+    "educational",
+    "new",
+    "sale",
 )
 
 
@@ -343,9 +374,15 @@ def object_sentence(k: int, objects, occluders, size: int, rng) -> str:
     template = _OBJECT_TEMPLATES[rng.integers(len(_OBJECT_TEMPLATES))]
     colour, shape, size_word = COLOURS[o.colour], SHAPES[o.shape], SIZES[o.size]
     return template.format(
-        a=_article(size_word), A=_article(size_word).capitalize(),
-        Ac=_article(colour).capitalize(), size=size_word, colour=colour, shape=shape,
-        pos=pos, Pos=pos[0].upper() + pos[1:], rel=rel,
+        a=_article(size_word),
+        A=_article(size_word).capitalize(),
+        Ac=_article(colour).capitalize(),
+        size=size_word,
+        colour=colour,
+        shape=shape,
+        pos=pos,
+        Pos=pos[0].upper() + pos[1:],
+        rel=rel,
     )
 
 
@@ -384,15 +421,21 @@ _SCENE_TEMPLATES = (
 def _texture_words(bg: _Background, rng) -> tuple[str, str]:
     p = bg.params
     if bg.texture == "noise":
-        return (("grainy", "speckled", "noisy")[rng.integers(3)],
-                ("fine grain", "light speckles", "soft noise")[rng.integers(3)])
+        return (
+            ("grainy", "speckled", "noisy")[rng.integers(3)],
+            ("fine grain", "light speckles", "soft noise")[rng.integers(3)],
+        )
     if bg.texture == "clouds":
-        return (("cloudy", "mottled", "blotchy")[rng.integers(3)],
-                ("soft blotches", "cloudy patches", "faint mottling")[rng.integers(3)])
+        return (
+            ("cloudy", "mottled", "blotchy")[rng.integers(3)],
+            ("soft blotches", "cloudy patches", "faint mottling")[rng.integers(3)],
+        )
     if bg.texture == "gradient":
         side = _DIRECTIONS[p["angle"]]
-        return (("shaded", "graded")[rng.integers(2)],
-                f"a gradient that gets lighter towards the {side}")
+        return (
+            ("shaded", "graded")[rng.integers(2)],
+            f"a gradient that gets lighter towards the {side}",
+        )
     if bg.texture == "stripes":
         width = "thin" if p["period"] < 0.17 else "wide"
         return "striped", f"{width} {p['orientation']} stripes"
@@ -415,9 +458,14 @@ def scene_sentence(objects, bg: _Background, instance: np.ndarray, rng) -> str:
     count = f"{_NUMBERS[n]} {noun}{'s' if n > 1 else ''}"
     tex_adj, tex_noun = _texture_words(bg, rng)
     text = templates[rng.integers(len(templates))].format(
-        tone=bg.tone, tex_adj=tex_adj, tex_noun=tex_noun, count=count,
-        Count=count.capitalize(), the_count=f"the {count}" if n > 1 else f"the single {noun}",
-        are="are" if n > 1 else "is", empty=empty[rng.integers(len(empty))] if empty else "",
+        tone=bg.tone,
+        tex_adj=tex_adj,
+        tex_noun=tex_noun,
+        count=count,
+        Count=count.capitalize(),
+        the_count=f"the {count}" if n > 1 else f"the single {noun}",
+        are="are" if n > 1 else "is",
+        empty=empty[rng.integers(len(empty))] if empty else "",
         # Nearest ten, at most 90: objects always cover something.
         bg_pct=min(int(round(100 * np.mean(instance == 0), -1)), 90),
     )
@@ -477,7 +525,9 @@ class ShapesSource:
         if split not in _SPLIT_IDS:
             raise ValueError(f"split must be one of {list(_SPLIT_IDS)}, got {split!r}")
         if not 1 <= min_objects <= max_objects <= len(_NUMBERS) - 1:
-            raise ValueError(f"need 1 <= min_objects <= max_objects <= 8, got {min_objects}, {max_objects}")
+            raise ValueError(
+                f"need 1 <= min_objects <= max_objects <= 8, got {min_objects}, {max_objects}"
+            )
         if image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {image_size}")
         self.split = split
@@ -505,8 +555,10 @@ class ShapesSource:
         return self.num_records
 
     def __repr__(self) -> str:
-        return (f"ShapesSource(split={self.split!r}, seed={self.seed}, image_size={self.image_size}, "
-                f"max_objects={self.max_objects}, num_records={self.num_records})")
+        return (
+            f"ShapesSource(split={self.split!r}, seed={self.seed}, image_size={self.image_size}, "
+            f"max_objects={self.max_objects}, num_records={self.num_records})"
+        )
 
     def __getitem__(self, index) -> dict:
         index = int(index)
@@ -594,10 +646,17 @@ class ShapesSource:
             t = self._upsample @ p["coarse"] @ self._upsample.T
         elif bg.texture == "gradient":
             a = np.deg2rad(p["angle"])
-            t = (np.cos(a) * (xs - 0.5) + np.sin(a) * (ys - 0.5)) * 2.0 / (abs(np.cos(a)) + abs(np.sin(a)))
+            t = (
+                (np.cos(a) * (xs - 0.5) + np.sin(a) * (ys - 0.5))
+                * 2.0
+                / (abs(np.cos(a)) + abs(np.sin(a)))
+            )
         elif bg.texture == "stripes":
-            proj = {"horizontal": ys + 0 * xs, "vertical": xs + 0 * ys,
-                    "diagonal": (xs + ys) * np.float32(0.7071)}[p["orientation"]]
+            proj = {
+                "horizontal": ys + 0 * xs,
+                "vertical": xs + 0 * ys,
+                "diagonal": (xs + ys) * np.float32(0.7071),
+            }[p["orientation"]]
             t = np.sin(proj * (2 * np.pi / p["period"]) + p["phase"])
         else:  # checker
             c, off = p["cell"], p["offset"]
@@ -631,4 +690,6 @@ if __name__ == "__main__":
     parser.add_argument("--image_size", type=int, default=64)
     args = parser.parse_args()
     if args.bench:
-        print(f"{_benchmark(args.n, args.image_size):.0f} images/s at {args.image_size} px, one core")
+        print(
+            f"{_benchmark(args.n, args.image_size):.0f} images/s at {args.image_size} px, one core"
+        )

@@ -42,16 +42,19 @@ def build_evaluators(config, names=None) -> list:
     if names is not None:
         unknown = sorted(set(names) - set(evals))
         if unknown:
-            raise ValueError(f"unknown evaluator(s) {', '.join(unknown)}; configured: "
-                             f"{', '.join(evals) or 'none'}")
+            raise ValueError(
+                f"unknown evaluator(s) {', '.join(unknown)}; configured: "
+                f"{', '.join(evals) or 'none'}"
+            )
     out = []
     for name, section in evals.items():
         if names is not None and name not in names:
             continue
         kind = section.get('kind')
         if kind not in KINDS:
-            raise ValueError(f"evals.{name}.kind: unknown evaluator kind '{kind}'; valid: "
-                             f"{', '.join(KINDS)}")
+            raise ValueError(
+                f"evals.{name}.kind: unknown evaluator kind '{kind}'; valid: " f"{', '.join(KINDS)}"
+            )
         out.append(KINDS[kind](resolve_section(section, config), name=name))
     return out
 

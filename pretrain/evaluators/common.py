@@ -33,12 +33,16 @@ class Prompts:
 
     "a" before a vowel becomes "an" after filling in ("an orange ring"), as captions write it.
     """
+
     classnames: tuple[str, ...]
     templates: tuple[str, ...]
 
     def texts(self) -> list[str]:
-        return [re.sub(r'\b([Aa]) (?=[aeiou])', r'\1n ', t.format(c))
-                for c in self.classnames for t in self.templates]
+        return [
+            re.sub(r'\b([Aa]) (?=[aeiou])', r'\1n ', t.format(c))
+            for c in self.classnames
+            for t in self.templates
+        ]
 
 
 class Predictor:
@@ -54,8 +58,10 @@ class Predictor:
 
     def _compiled(self, mesh):
         if mesh not in self._jitted:
+
             def apply(graphdef, state, consts, rows):
                 return self.fn(nnx.merge(graphdef, state), *consts, *rows)
+
             kwargs = {} if mesh.empty else {'out_shardings': sharding.replicated(mesh)}
             self._jitted[mesh] = jax.jit(apply, static_argnums=0, **kwargs)
         return self._jitted[mesh]
@@ -72,8 +78,12 @@ class Predictor:
         pending = None
         for start in range(0, total, size):
             valid = min(size, total - start)
-            batch = tuple(_place(_pad(np.asarray(r[start:start + size]), size), mesh,
-                                 P(sharding.BATCH_AXES)) for r in rows)
+            batch = tuple(
+                _place(
+                    _pad(np.asarray(r[start : start + size]), size), mesh, P(sharding.BATCH_AXES)
+                )
+                for r in rows
+            )
             out = jitted(graphdef, state, consts, batch), valid
             # Fetch the previous batch only after dispatching this one: host and device overlap.
             if pending is not None:
@@ -113,7 +123,7 @@ def trim_padding(tokens_nl: np.ndarray, *, pad_id: int = 0, multiple: int = 16) 
     length given, and prompts of ~30 bytes in a 96-token context run ~3x faster.
     """
     used = int((tokens_nl != pad_id).sum(-1).max(initial=1))
-    return tokens_nl[:, :min(tokens_nl.shape[1], -(-used // multiple) * multiple)]
+    return tokens_nl[:, : min(tokens_nl.shape[1], -(-used // multiple) * multiple)]
 
 
 def shapes_records(section, *, start: int, num: int, fields: Sequence[str]) -> dict:
@@ -124,9 +134,16 @@ def shapes_records(section, *, start: int, num: int, fields: Sequence[str]) -> d
         raise ValueError(f"unknown eval source '{section.source}'; valid here: shapes")
     if num < 1:
         raise ValueError(f'need at least one eval example, got {num}')
-    source = shapes.ShapesSource(split='eval', seed=section.seed, image_size=section.image_size,
-                                 max_objects=section.max_objects, num_records=start + num)
+    source = shapes.ShapesSource(
+        split='eval',
+        seed=section.seed,
+        image_size=section.image_size,
+        max_objects=section.max_objects,
+        num_records=start + num,
+    )
     records = [source[i] for i in range(start, start + num)]
     stackable = lambda f: isinstance(records[0][f], (np.ndarray, np.generic))
-    return {f: np.stack([r[f] for r in records]) if stackable(f) else [r[f] for r in records]
-            for f in fields}
+    return {
+        f: np.stack([r[f] for r in records]) if stackable(f) else [r[f] for r in records]
+        for f in fields
+    }

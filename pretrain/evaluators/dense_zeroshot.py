@@ -49,6 +49,7 @@ BACKGROUNDS = ('prompt', 'threshold')
 # ---------------------------------------------------------------------------------------
 # Readout.
 
+
 def tokens_before_last_block(vit, images):
     """(B, T, d) tokens entering the ViT's last block (CLS first if the ViT has one).
 
@@ -84,6 +85,7 @@ def patch_features(model, images, readout: str):
 
 # ---------------------------------------------------------------------------------------
 # Scoring.
+
 
 def patch_labels(feat_bnd, class_emb_cd, bg_emb_kd, *, background: str, threshold: float):
     """(labels, object labels), both (B, N) int: 0 background / 1 + class, and the best class
@@ -152,8 +154,10 @@ class SegmentationScore:
             self.objects_right += int((obj_labels_bgg == majority)[on_object].sum())
 
     def result(self) -> dict:
-        out = {'miou': mean_iou(self.conf, include_background=self.include_background),
-               'patch_acc': self.patches_right / max(self.patches, 1)}
+        out = {
+            'miou': mean_iou(self.conf, include_background=self.include_background),
+            'patch_acc': self.patches_right / max(self.patches, 1),
+        }
         if self.objects:
             out['object_patch_acc'] = self.objects_right / self.objects
         return out
@@ -168,6 +172,7 @@ def ceiling_miou(seg_bhw, patch: int, num_labels: int, *, include_background=Tru
 
 # ---------------------------------------------------------------------------------------
 
+
 class DenseZeroShot:
     """Yields `<name>/miou`, `<name>/patch_acc`, `<name>/object_patch_acc` and
     `<name>/miou_ceiling`."""
@@ -178,13 +183,17 @@ class DenseZeroShot:
             raise NotImplementedError(
                 f'evals.{name}: ADE20K / Pascal-VOC folder layouts (image + label PNG + class '
                 'list) need a PNG decoder (Pillow), not a dependency yet; they arrive with the '
-                "input pipeline's ade20k source. Use source='shapes'.")
+                "input pipeline's ade20k source. Use source='shapes'."
+            )
         if config.readout not in READOUTS:
-            raise ValueError(f"evals.{name}.readout '{config.readout}'; valid: "
-                             f"{', '.join(READOUTS)}")
+            raise ValueError(
+                f"evals.{name}.readout '{config.readout}'; valid: " f"{', '.join(READOUTS)}"
+            )
         if config.background not in BACKGROUNDS:
-            raise ValueError(f"evals.{name}.background '{config.background}'; valid: "
-                             f"{', '.join(BACKGROUNDS)}")
+            raise ValueError(
+                f"evals.{name}.background '{config.background}'; valid: "
+                f"{', '.join(BACKGROUNDS)}"
+            )
         if config.background == 'prompt' and not config.background_prompts:
             raise ValueError(f"evals.{name}: background 'prompt' needs background_prompts")
         readout, rule, threshold = config.readout, config.background, float(config.threshold)
@@ -204,8 +213,12 @@ class DenseZeroShot:
         tokenizer = pipeline.make_tokenizer(c)
         classes = common.Prompts(tuple(shapes.class_names()), tuple(c.templates))
         bg_texts = list(c.background_prompts) or ['background.']  # unused by 'threshold'
-        return (rec['image'], rec['seg'], common.trim_padding(tokenizer(classes.texts())),
-                common.trim_padding(tokenizer(bg_texts)))
+        return (
+            rec['image'],
+            rec['seg'],
+            common.trim_padding(tokenizer(classes.texts())),
+            common.trim_padding(tokenizer(bg_texts)),
+        )
 
     def run(self, model):
         if self._data is None:
@@ -215,16 +228,18 @@ class DenseZeroShot:
         patch = model.image.patch
         class_emb = class_embeddings(self._texts, model, class_tokens, shapes.NUM_CLASSES)
         bg_emb = self._texts(model, [bg_tokens])
-        score = SegmentationScore(num_labels, patch,
-                                  include_background=self.config.include_background)
+        score = SegmentationScore(
+            num_labels, patch, include_background=self.config.include_background
+        )
         grid = (images.shape[1] // patch, images.shape[2] // patch)
         start = 0
         for labels, obj in self._predict.batches(model, [images], consts=(class_emb, bg_emb)):
             n = len(labels)
-            score.update(labels.reshape(n, *grid), segs[start:start + n], obj.reshape(n, *grid))
+            score.update(labels.reshape(n, *grid), segs[start : start + n], obj.reshape(n, *grid))
             start += n
         if patch not in self._ceilings:
             self._ceilings[patch] = ceiling_miou(
-                segs, patch, num_labels, include_background=self.config.include_background)
+                segs, patch, num_labels, include_background=self.config.include_background
+            )
         for key, value in {**score.result(), 'miou_ceiling': self._ceilings[patch]}.items():
             yield f'{self.name}/{key}', value

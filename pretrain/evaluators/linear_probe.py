@@ -19,8 +19,11 @@ from input_pipeline.sources import shapes
 from pretrain.evaluators import common
 
 FEATURES = ('pooled', 'embedding')
-LABELS = {'label': shapes.NUM_CLASSES, 'shape_label': len(shapes.SHAPES),
-          'colour_label': len(shapes.COLOURS)}
+LABELS = {
+    'label': shapes.NUM_CLASSES,
+    'shape_label': len(shapes.SHAPES),
+    'colour_label': len(shapes.COLOURS),
+}
 
 
 class Ridge:
@@ -37,7 +40,7 @@ class Ridge:
         xc, n = x - self.x_mean, len(x)
         self.evals, self.evecs = np.linalg.eigh(xc.T @ xc / n)
         self.scale = max(float(self.evals.mean()), 1e-12)
-        self.xty = self.evecs.T @ (xc.T @ (y - self.y_mean) / n)   # V' Xc'Yc / n, (d, C)
+        self.xty = self.evecs.T @ (xc.T @ (y - self.y_mean) / n)  # V' Xc'Yc / n, (d, C)
 
     def weights(self, lam: float) -> np.ndarray:
         return self.evecs @ (self.xty / (self.evals + lam * self.scale)[:, None])
@@ -60,10 +63,14 @@ def ridge_probe(train, val, test, *, num_classes: int, lambdas) -> dict:
     fit = Ridge(*train, num_classes)
     val_acc = [accuracy(fit.predict(val[0], lam), val[1]) for lam in lambdas]
     best = max(i for i, a in enumerate(val_acc) if a == max(val_acc))
-    refit = Ridge(np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]),
-                  num_classes)
-    return {'top1': accuracy(refit.predict(test[0], lambdas[best]), test[1]),
-            'val_top1': val_acc[best], 'log10_lambda': float(np.log10(lambdas[best]))}
+    refit = Ridge(
+        np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]), num_classes
+    )
+    return {
+        'top1': accuracy(refit.predict(test[0], lambdas[best]), test[1]),
+        'val_top1': val_acc[best],
+        'log10_lambda': float(np.log10(lambdas[best])),
+    }
 
 
 class LinearProbe:
@@ -76,8 +83,9 @@ class LinearProbe:
     def __init__(self, config, *, name: str = 'linear_probe'):
         self.config, self.name = config, name
         if config.feature not in FEATURES:
-            raise ValueError(f"evals.{name}.feature '{config.feature}'; valid: "
-                             f"{', '.join(FEATURES)}")
+            raise ValueError(
+                f"evals.{name}.feature '{config.feature}'; valid: " f"{', '.join(FEATURES)}"
+            )
         if config.label not in LABELS:
             raise ValueError(f"evals.{name}.label '{config.label}'; valid: {', '.join(LABELS)}")
         pooled = config.feature == 'pooled'
@@ -101,7 +109,8 @@ class LinearProbe:
         images, labels, cuts = self._data
         feats = self._features(model, [images])
         splits = [tuple(np.split(a, cuts)[i] for a in (feats, labels)) for i in range(3)]
-        out = ridge_probe(*splits, num_classes=LABELS[self.config.label],
-                          lambdas=self.config.lambdas)
+        out = ridge_probe(
+            *splits, num_classes=LABELS[self.config.label], lambdas=self.config.lambdas
+        )
         for key, value in out.items():
             yield f'{self.name}/{key}', value

@@ -26,10 +26,10 @@ def image_to_text_ranks(img_nd, txt_td, txt_image_t, *, chunk_size: int) -> np.n
     txt_image_t = np.asarray(txt_image_t)
     ranks = np.empty(len(img_nd), np.int64)
     for s in range(0, len(img_nd), chunk_size):
-        sims = img_nd[s:s + chunk_size] @ txt_td.T                      # (c, T)
+        sims = img_nd[s : s + chunk_size] @ txt_td.T  # (c, T)
         own = txt_image_t[None, :] == np.arange(s, s + len(sims))[:, None]
         best = np.where(own, sims, -np.inf).max(1)
-        ranks[s:s + len(sims)] = ((sims >= best[:, None]) & ~own).sum(1)
+        ranks[s : s + len(sims)] = ((sims >= best[:, None]) & ~own).sum(1)
     return ranks
 
 
@@ -38,9 +38,9 @@ def text_to_image_ranks(img_nd, txt_td, txt_image_t, *, chunk_size: int) -> np.n
     txt_image_t = np.asarray(txt_image_t)
     ranks = np.empty(len(txt_td), np.int64)
     for s in range(0, len(txt_td), chunk_size):
-        sims = txt_td[s:s + chunk_size] @ img_nd.T                      # (c, N)
-        own = sims[np.arange(len(sims)), txt_image_t[s:s + len(sims)]]
-        ranks[s:s + len(sims)] = (sims >= own[:, None]).sum(1) - 1
+        sims = txt_td[s : s + chunk_size] @ img_nd.T  # (c, N)
+        own = sims[np.arange(len(sims)), txt_image_t[s : s + len(sims)]]
+        ranks[s : s + len(sims)] = (sims >= own[:, None]).sum(1) - 1
     return ranks
 
 
@@ -82,8 +82,12 @@ class Retrieval:
         if self._data is None:
             self._data = self._load()
         images, tokens, txt_image = self._data
-        metrics = recall_at_k(self._images(model, [images]), self._texts(model, [tokens]),
-                              txt_image, ks=tuple(self.config.ks),
-                              chunk_size=self.config.chunk_size)
+        metrics = recall_at_k(
+            self._images(model, [images]),
+            self._texts(model, [tokens]),
+            txt_image,
+            ks=tuple(self.config.ks),
+            chunk_size=self.config.chunk_size,
+        )
         for key, value in metrics.items():
             yield f'{self.name}/{key}', value

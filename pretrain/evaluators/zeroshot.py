@@ -52,8 +52,9 @@ def encode_texts(model, tokens):
     return model.encode_text(tokens)[0]
 
 
-def class_embeddings(text_predictor: common.Predictor, model, tokens: np.ndarray,
-                     num_classes: int) -> np.ndarray:
+def class_embeddings(
+    text_predictor: common.Predictor, model, tokens: np.ndarray, num_classes: int
+) -> np.ndarray:
     """(C, D): each class's template embeddings averaged and renormalised.
 
     `tokens` holds the class-major prompt texts of `Prompts.texts()`.
@@ -70,7 +71,7 @@ def fit_square(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    idx = (np.arange(size) * side // size)
+    idx = np.arange(size) * side // size
     return image[top + idx[:, None], left + idx[None, :], :3].astype(np.uint8)
 
 
@@ -88,7 +89,8 @@ def load_image_folder(root: str, image_size: int) -> tuple[np.ndarray, np.ndarra
                 raise NotImplementedError(
                     f"'{os.path.join(folder, fname)}': only {', '.join(IMAGE_EXTENSIONS)} "
                     'images are read until an image decoder (Pillow) is a dependency; it '
-                    "arrives with the input pipeline's folder source. Convert to .npy for now.")
+                    "arrives with the input pipeline's folder source. Convert to .npy for now."
+                )
             images.append(fit_square(np.load(os.path.join(folder, fname)), image_size))
             labels.append(label)
     if not images:
@@ -110,8 +112,9 @@ class ZeroShot:
         else:
             unknown = sorted(set(config.tasks) - set(SHAPES_TASKS))
             if unknown:
-                raise ValueError(f'evals.{name}.tasks: unknown {unknown}; valid: '
-                                 f"{', '.join(SHAPES_TASKS)}")
+                raise ValueError(
+                    f'evals.{name}.tasks: unknown {unknown}; valid: ' f"{', '.join(SHAPES_TASKS)}"
+                )
         self._images = common.Predictor(encode_images, batch_size=config.batch_size)
         self._texts = common.Predictor(encode_texts, batch_size=config.batch_size)
         self._data = None  # loaded at the first run, then kept
@@ -123,8 +126,9 @@ class ZeroShot:
             tasks = {'class': (labels, names)}
         else:
             fields = [SHAPES_TASKS[t][0] for t in c.tasks]
-            rec = common.shapes_records(c, start=c.start, num=c.num_examples,
-                                        fields=['image', *fields])
+            rec = common.shapes_records(
+                c, start=c.start, num=c.num_examples, fields=['image', *fields]
+            )
             images = rec['image']
             tasks = {t: (rec[SHAPES_TASKS[t][0]], SHAPES_TASKS[t][1]) for t in c.tasks}
         tokenizer = pipeline.make_tokenizer(c)

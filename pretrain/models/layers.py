@@ -30,8 +30,17 @@ class Dense(nnx.Module):
     einsum: XLA then emits half the transposes for the weight gradient (DESIGN.md).
     """
 
-    def __init__(self, d_in: int, d_out: int, *, axes: tuple, rngs: nnx.Rngs,
-                              use_bias: bool = True, dtype=jnp.float32, kernel_init=xavier):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        axes: tuple,
+        rngs: nnx.Rngs,
+        use_bias: bool = True,
+        dtype=jnp.float32,
+        kernel_init=xavier,
+    ):
         self.kernel = param(rngs, kernel_init, (d_in, d_out), axes)
         self.bias = param(rngs, zeros, (d_out,), (axes[1],)) if use_bias else None
         self.dtype = dtype
@@ -70,7 +79,7 @@ def attention_heads_first(qkv_bt3hk, *, mask=None, is_causal: bool = False):
     """
     b, t, _, h, k = qkv_bt3hk.shape
     q, kk, v = qkv_bt3hk.transpose(2, 0, 3, 1, 4)  # each (B, H, T, K)
-    logits = jnp.einsum('bhqk,bhsk->bhqs', q * (k ** -0.5), kk)
+    logits = jnp.einsum('bhqk,bhsk->bhqs', q * (k**-0.5), kk)
     if is_causal:
         causal = jnp.tril(jnp.ones((t, t), bool))
         mask = causal if mask is None else mask & causal
@@ -120,8 +129,7 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, d: int, heads: int, mlp_ratio: float, *, rngs: nnx.Rngs,
-                              dtype=jnp.float32):
+    def __init__(self, d: int, heads: int, mlp_ratio: float, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.ln1 = LayerNorm(d, rngs=rngs, dtype=dtype)
         self.attn = Attention(d, heads, rngs=rngs, dtype=dtype)
         self.ln2 = LayerNorm(d, rngs=rngs, dtype=dtype)
@@ -151,18 +159,29 @@ class Encoder(nnx.Module):
     accelerator-sized models.
     """
 
-    def __init__(self, d: int, depth: int, heads: int, mlp_ratio: float, *,
-                              rngs: nnx.Rngs, dtype=jnp.float32, remat: str = 'none'):
-        self.blocks = nnx.List([Block(d, heads, mlp_ratio, rngs=rngs, dtype=dtype)
-                                                        for _ in range(depth)])
+    def __init__(
+        self,
+        d: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        remat: str = 'none',
+    ):
+        self.blocks = nnx.List(
+            [Block(d, heads, mlp_ratio, rngs=rngs, dtype=dtype) for _ in range(depth)]
+        )
         self.policy = remat_policy(remat)
         self.remat = remat != 'none'
 
     def __call__(self, x, *, mask=None, is_causal: bool = False):
         for block in self.blocks:
             if self.remat:
-                x = nnx.remat(lambda blk, y: blk(y, mask=mask, is_causal=is_causal),
-                                            policy=self.policy)(block, x)
+                x = nnx.remat(
+                    lambda blk, y: blk(y, mask=mask, is_causal=is_causal), policy=self.policy
+                )(block, x)
             else:
                 x = block(x, mask=mask, is_causal=is_causal)
         return x

@@ -18,20 +18,35 @@ class TextTransformer(nnx.Module):
     length is a config field: positions are not capped at CLIP's 77.
     """
 
-    def __init__(self, *, width: int, depth: int, heads: int, vocab_size: int,
-                              context_length: int, mlp_ratio: float = 4.0, causal: bool = True,
-                              pool: str = 'eos', pad_id: int = 0, remat: str = 'none',
-                              dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        width: int,
+        depth: int,
+        heads: int,
+        vocab_size: int,
+        context_length: int,
+        mlp_ratio: float = 4.0,
+        causal: bool = True,
+        pool: str = 'eos',
+        pad_id: int = 0,
+        remat: str = 'none',
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if pool not in POOLS:
             raise ValueError(f"unknown text pool '{pool}'; valid: {', '.join(POOLS)}")
         self.causal, self.pool, self.pad_id, self.dtype = causal, pool, pad_id, dtype
         self.context_length = context_length
-        self.tok = layers.param(rngs, nnx.initializers.normal(0.02), (vocab_size, width),
-                                                        ('vocab', 'embed'))
-        self.pos = layers.param(rngs, nnx.initializers.normal(0.01), (context_length, width),
-                                                        (None, 'embed'))
-        self.encoder = layers.Encoder(width, depth, heads, mlp_ratio, rngs=rngs, dtype=dtype,
-                                                                    remat=remat)
+        self.tok = layers.param(
+            rngs, nnx.initializers.normal(0.02), (vocab_size, width), ('vocab', 'embed')
+        )
+        self.pos = layers.param(
+            rngs, nnx.initializers.normal(0.01), (context_length, width), (None, 'embed')
+        )
+        self.encoder = layers.Encoder(
+            width, depth, heads, mlp_ratio, rngs=rngs, dtype=dtype, remat=remat
+        )
         self.ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype)
 
     def __call__(self, tokens_bl, *, train: bool = False):
@@ -45,7 +60,7 @@ class TextTransformer(nnx.Module):
             # Causal attention never looks right, so padding after EOS cannot leak in.
             x = self.encoder(x, is_causal=True)
         else:
-            mask = (valid_bl[:, None, :, None] & valid_bl[:, None, None, :])
+            mask = valid_bl[:, None, :, None] & valid_bl[:, None, None, :]
             x = self.encoder(x, mask=mask | jnp.eye(l, dtype=bool))  # eye: pad rows stay finite
         x = self.ln(x)
         if self.pool == 'eos':

@@ -33,35 +33,74 @@ class ImageTextModel(nnx.Module):
         dtype = DTYPES[config.dtype]
         img, txt = config.image, config.text
         self.image = VisionTransformer(
-                width=img.width, depth=img.depth, heads=img.heads, patch=img.patch,
-                image_size=img.image_size, mlp_ratio=img.mlp_ratio, pool=img.pool,
-                remat=config.remat, dtype=dtype, rngs=rngs)
+            width=img.width,
+            depth=img.depth,
+            heads=img.heads,
+            patch=img.patch,
+            image_size=img.image_size,
+            mlp_ratio=img.mlp_ratio,
+            pool=img.pool,
+            remat=config.remat,
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.text = TextTransformer(
-                width=txt.width, depth=txt.depth, heads=txt.heads, vocab_size=txt.vocab_size,
-                context_length=txt.context_length, mlp_ratio=txt.mlp_ratio, causal=txt.causal,
-                pool=txt.pool, pad_id=txt.pad_id, remat=config.remat, dtype=dtype, rngs=rngs)
-        self.image_proj = layers.Dense(img.width, config.embed_dim, axes=('embed', None),
-                                                                      use_bias=False, rngs=rngs, dtype=dtype)
-        self.text_proj = layers.Dense(txt.width, config.embed_dim, axes=('embed', None),
-                                                                    use_bias=False, rngs=rngs, dtype=dtype)
+            width=txt.width,
+            depth=txt.depth,
+            heads=txt.heads,
+            vocab_size=txt.vocab_size,
+            context_length=txt.context_length,
+            mlp_ratio=txt.mlp_ratio,
+            causal=txt.causal,
+            pool=txt.pool,
+            pad_id=txt.pad_id,
+            remat=config.remat,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.image_proj = layers.Dense(
+            img.width,
+            config.embed_dim,
+            axes=('embed', None),
+            use_bias=False,
+            rngs=rngs,
+            dtype=dtype,
+        )
+        self.text_proj = layers.Dense(
+            txt.width,
+            config.embed_dim,
+            axes=('embed', None),
+            use_bias=False,
+            rngs=rngs,
+            dtype=dtype,
+        )
         self.logit_scale = nnx.Param(jnp.asarray(math.log(config.logit_scale_init), jnp.float32))
         self.logit_bias = nnx.Param(jnp.asarray(config.logit_bias_init, jnp.float32))
         # DreamLIP's sub-caption grouping contrast has its own learnable temperature (a log,
         # like logit_scale); objectives that do not use it leave its gradient at zero.
         self.grouping_logit_scale = nnx.Param(
-            jnp.asarray(math.log(config.grouping_logit_scale_init), jnp.float32))
+            jnp.asarray(math.log(config.grouping_logit_scale_init), jnp.float32)
+        )
 
     def encode_image(self, image, *, train: bool = False):
         pooled, aux = self.image(image, train=train)
         emb = self.image_proj(pooled)
-        return l2_normalize(emb), {'img/pooled': pooled, 'img/tokens': aux['tokens'],
-                                                              'img/grid': aux['grid'], 'img/emb': emb}
+        return l2_normalize(emb), {
+            'img/pooled': pooled,
+            'img/tokens': aux['tokens'],
+            'img/grid': aux['grid'],
+            'img/emb': emb,
+        }
 
     def encode_text(self, tokens, *, train: bool = False):
         pooled, aux = self.text(tokens, train=train)
         emb = self.text_proj(pooled)
-        return l2_normalize(emb), {'txt/pooled': pooled, 'txt/tokens': aux['tokens'],
-                                                              'txt/valid': aux['valid'], 'txt/emb': emb}
+        return l2_normalize(emb), {
+            'txt/pooled': pooled,
+            'txt/tokens': aux['tokens'],
+            'txt/valid': aux['valid'],
+            'txt/emb': emb,
+        }
 
     def __call__(self, image, tokens, *, train: bool = False):
         zimg, img_aux = self.encode_image(image, train=train)

@@ -17,7 +17,7 @@ def interpolate_posemb(pos_nd, grid: tuple[int, int]):
     Lets a model trained at one resolution run at another (finetuning, dense eval).
     """
     n, d = pos_nd.shape
-    side = int(round(n ** 0.5))
+    side = int(round(n**0.5))
     if side * side != n:
         raise ValueError(f'position table of {n} entries is not a square grid')
     if (side, side) == tuple(grid):
@@ -30,8 +30,9 @@ class MapHead(nnx.Module):
     """Multihead attention pooling: one learned probe attends over the tokens (SigLIP's MAP)."""
 
     def __init__(self, d: int, heads: int, mlp_ratio: float, *, rngs: nnx.Rngs, dtype):
-        self.probe = layers.param(rngs, nnx.initializers.xavier_uniform(), (1, 1, d),
-                                                            (None, None, 'embed'))
+        self.probe = layers.param(
+            rngs, nnx.initializers.xavier_uniform(), (1, 1, d), (None, None, 'embed')
+        )
         self.heads = heads
         self.q = layers.Dense(d, d, axes=('embed', 'heads'), rngs=rngs, dtype=dtype)
         self.kv = layers.Dense(d, 2 * d, axes=('embed', 'heads'), rngs=rngs, dtype=dtype)
@@ -57,26 +58,43 @@ class VisionTransformer(nnx.Module):
     so the input pipeline ships bytes (4x less host->device traffic than float32).
     """
 
-    def __init__(self, *, width: int, depth: int, heads: int, patch: int, image_size: int,
-                              mlp_ratio: float = 4.0, pool: str = 'cls', remat: str = 'none',
-                              dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        width: int,
+        depth: int,
+        heads: int,
+        patch: int,
+        image_size: int,
+        mlp_ratio: float = 4.0,
+        pool: str = 'cls',
+        remat: str = 'none',
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if pool not in POOLS:
             raise ValueError(f"unknown pool '{pool}'; valid: {', '.join(POOLS)}")
         if image_size % patch:
             raise ValueError(f'image_size {image_size} is not divisible by patch {patch}')
         self.patch, self.pool, self.dtype = patch, pool, dtype
         grid = image_size // patch
-        self.embed = layers.Dense(patch * patch * 3, width, axes=(None, 'embed'), rngs=rngs,
-                                                            dtype=dtype)
-        normal = nnx.initializers.normal(width ** -0.5)
+        self.embed = layers.Dense(
+            patch * patch * 3, width, axes=(None, 'embed'), rngs=rngs, dtype=dtype
+        )
+        normal = nnx.initializers.normal(width**-0.5)
         self.pos = layers.param(rngs, normal, (grid * grid, width), (None, 'embed'))
-        self.cls = (layers.param(rngs, layers.zeros, (1, 1, width), (None, None, 'embed'))
-                                if pool == 'cls' else None)
-        self.encoder = layers.Encoder(width, depth, heads, mlp_ratio, rngs=rngs, dtype=dtype,
-                                                                    remat=remat)
+        self.cls = (
+            layers.param(rngs, layers.zeros, (1, 1, width), (None, None, 'embed'))
+            if pool == 'cls'
+            else None
+        )
+        self.encoder = layers.Encoder(
+            width, depth, heads, mlp_ratio, rngs=rngs, dtype=dtype, remat=remat
+        )
         self.ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype)
-        self.map = (MapHead(width, heads, mlp_ratio, rngs=rngs, dtype=dtype)
-                                if pool == 'map' else None)
+        self.map = (
+            MapHead(width, heads, mlp_ratio, rngs=rngs, dtype=dtype) if pool == 'map' else None
+        )
 
     def patchify(self, image):
         b, h, w, c = image.shape

@@ -67,5 +67,7 @@ def build_objective(objectives_config: Mapping[str, Any]) -> Composite:
             continue  # Off: not built, not computed, its fields not loaded.
         terms.append((name, index, weight, OBJECTIVES[kind](config)))
     if not terms:
-        raise ValueError(f'No objective with a non-zero weight in {list(objectives_config.keys())}.')
+        raise ValueError(
+            f'No objective with a non-zero weight in {list(objectives_config.keys())}.'
+        )
     return Composite(terms)

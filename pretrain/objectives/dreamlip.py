@@ -92,7 +92,9 @@ def _split_masks(pos_mask, neg_mask):
 
 def _check_multipos_shapes(zimg, ztxt_all, pos_mask, neg_mask):
     if zimg.ndim != 2 or ztxt_all.ndim != 2 or zimg.shape[1] != ztxt_all.shape[1]:
-        raise ValueError(f'zimg must be (B, E) and ztxt_all (T, E); got {zimg.shape}, {ztxt_all.shape}.')
+        raise ValueError(
+            f'zimg must be (B, E) and ztxt_all (T, E); got {zimg.shape}, {ztxt_all.shape}.'
+        )
     want = (zimg.shape[0], ztxt_all.shape[0])
     for name, m in (('pos_mask', pos_mask), ('neg_mask', neg_mask)):
         if m is not None and tuple(m.shape) != want:
@@ -104,7 +106,11 @@ def _check_multipos_shapes(zimg, ztxt_all, pos_mask, neg_mask):
 
 
 def multipos_infonce_loss(
-    *, zimg: jax.Array, ztxt_all: jax.Array, pos_mask: jax.Array, scale: jax.Array,
+    *,
+    zimg: jax.Array,
+    ztxt_all: jax.Array,
+    pos_mask: jax.Array,
+    scale: jax.Array,
     neg_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
     """Multi-positive InfoNCE, image -> texts (the paper's form).
@@ -135,8 +141,13 @@ def multipos_infonce_loss(
 
 
 def multipos_circle_loss(
-    *, zimg: jax.Array, ztxt_all: jax.Array, pos_mask: jax.Array, gamma: float = 32.0,
-    margin: float = 0.25, neg_mask: jax.Array | None = None,
+    *,
+    zimg: jax.Array,
+    ztxt_all: jax.Array,
+    pos_mask: jax.Array,
+    gamma: float = 32.0,
+    margin: float = 0.25,
+    neg_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
     """Circle loss (Sun et al. 2020) on cosines, image -> texts, as in DreamLIP's public code.
 
@@ -156,7 +167,9 @@ def multipos_circle_loss(
     logit_n = gamma * alpha_n * (cos_bt - delta_n)
     # An empty set gives lse ~ -1e30 and softplus ~ 0: no pull without a positive, no push
     # without a negative.
-    loss_b = jax.nn.softplus(_masked_lse(logit_p, pos_mask, axis=1) + _masked_lse(logit_n, neg_mask, axis=1))
+    loss_b = jax.nn.softplus(
+        _masked_lse(logit_p, pos_mask, axis=1) + _masked_lse(logit_n, neg_mask, axis=1)
+    )
     has_pos_b = jnp.any(pos_mask, axis=1)
     loss = jnp.sum(jnp.where(has_pos_b, loss_b, 0)) / jnp.maximum(jnp.sum(has_pos_b), 1)
 
@@ -204,8 +217,13 @@ def grouping_weights(*, patch_z: jax.Array, sub_z: jax.Array, threshold: float) 
 
 
 def grouping_loss(
-    *, patch_z: jax.Array, sub_z: jax.Array, sub_valid: jax.Array, scale: jax.Array,
-    threshold: float = -1.0, neg_mask: jax.Array | None = None,
+    *,
+    patch_z: jax.Array,
+    sub_z: jax.Array,
+    sub_valid: jax.Array,
+    scale: jax.Array,
+    threshold: float = -1.0,
+    neg_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
     """Grouped patch embeddings vs sub-captions, symmetric InfoNCE over the global batch.
 
@@ -216,10 +234,17 @@ def grouping_loss(
     removed from rows and columns whatever it says. Averaged over valid sub-captions, both
     directions, halved (CLIP's normalisation).
     """
-    if patch_z.ndim != 3 or sub_z.ndim != 3 or patch_z.shape[0] != sub_z.shape[0] \
-            or patch_z.shape[2] != sub_z.shape[2] or tuple(sub_valid.shape) != sub_z.shape[:2]:
-        raise ValueError(f'want patch_z (B, N, E), sub_z (B, K, E), sub_valid (B, K); got '
-                         f'{patch_z.shape}, {sub_z.shape}, {tuple(sub_valid.shape)}.')
+    if (
+        patch_z.ndim != 3
+        or sub_z.ndim != 3
+        or patch_z.shape[0] != sub_z.shape[0]
+        or patch_z.shape[2] != sub_z.shape[2]
+        or tuple(sub_valid.shape) != sub_z.shape[:2]
+    ):
+        raise ValueError(
+            f'want patch_z (B, N, E), sub_z (B, K, E), sub_valid (B, K); got '
+            f'{patch_z.shape}, {sub_z.shape}, {tuple(sub_valid.shape)}.'
+        )
     b, k, e = sub_z.shape
     dtype = _loss_dtype(patch_z, sub_z)
     patch_z, sub_z = patch_z.astype(dtype), sub_z.astype(dtype)
@@ -286,19 +311,19 @@ GLOBAL_LOSSES = ('clip', 'siglip')
 MULTIPOS_FORMS = ('infonce', 'circle')
 CONFIG_KEYS = {
     # name: default
-    'global_loss': 'clip',         # 'clip' | 'siglip' for term 1
-    'clip_weight': 1.0,            # term 1 (whichever global_loss)
-    'multipos_weight': 1.0,        # term 2
-    'grouping_weight': 1.0,        # term 3
-    'multipos_form': 'infonce',    # 'infonce' (paper) | 'circle' (public code)
-    'gamma': 32.0,                 # circle loss scale (public code's default)
-    'margin': 0.25,                # circle loss margin (public code's default)
-    'threshold': -1.0,             # grouping sparsity; < 0: 1/N patches (SPARC)
-    'ignore_duplicates': True,     # texts equal to a positive are not negatives
-    'chunk_size': 0,               # siglip global term: 0 = full logits, else chunked
+    'global_loss': 'clip',  # 'clip' | 'siglip' for term 1
+    'clip_weight': 1.0,  # term 1 (whichever global_loss)
+    'multipos_weight': 1.0,  # term 2
+    'grouping_weight': 1.0,  # term 3
+    'multipos_form': 'infonce',  # 'infonce' (paper) | 'circle' (public code)
+    'gamma': 32.0,  # circle loss scale (public code's default)
+    'margin': 0.25,  # circle loss margin (public code's default)
+    'threshold': -1.0,  # grouping sparsity; < 0: 1/N patches (SPARC)
+    'ignore_duplicates': True,  # texts equal to a positive are not negatives
+    'chunk_size': 0,  # siglip global term: 0 = full logits, else chunked
     'image_field': 'image',
-    'text_field': 'text',          # raw caption (B, L)
-    'texts_field': 'texts',        # sub-captions (B, K, L)
+    'text_field': 'text',  # raw caption (B, L)
+    'texts_field': 'texts',  # sub-captions (B, K, L)
     'texts_valid_field': 'texts_valid',  # (B, K) bool
 }
 
@@ -318,16 +343,21 @@ class DreamLip:
         config = dict(config or {})
         unknown = set(config) - set(CONFIG_KEYS) - {'weight', 'kind'}
         if unknown:
-            raise ValueError(f'Unknown dreamlip config keys {sorted(unknown)}; valid: '
-                             f'{sorted(CONFIG_KEYS)}.')
+            raise ValueError(
+                f'Unknown dreamlip config keys {sorted(unknown)}; valid: ' f'{sorted(CONFIG_KEYS)}.'
+            )
         c = {k: config.get(k, v) for k, v in CONFIG_KEYS.items()}
         if c['global_loss'] not in GLOBAL_LOSSES:
             raise ValueError(f"dreamlip global_loss {c['global_loss']!r}; valid: {GLOBAL_LOSSES}.")
         if c['multipos_form'] not in MULTIPOS_FORMS:
-            raise ValueError(f"dreamlip multipos_form {c['multipos_form']!r}; valid: {MULTIPOS_FORMS}.")
+            raise ValueError(
+                f"dreamlip multipos_form {c['multipos_form']!r}; valid: {MULTIPOS_FORMS}."
+            )
         if c['threshold'] >= 1:
-            raise ValueError(f"dreamlip threshold must be < 1 (min-max values are in [0, 1]); "
-                             f"got {c['threshold']}.")
+            raise ValueError(
+                f"dreamlip threshold must be < 1 (min-max values are in [0, 1]); "
+                f"got {c['threshold']}."
+            )
         self.global_loss, self.multipos_form = c['global_loss'], c['multipos_form']
         self.clip_weight = float(c['clip_weight'])
         self.multipos_weight = float(c['multipos_weight'])
@@ -339,7 +369,9 @@ class DreamLip:
         self.image_field, self.text_field = c['image_field'], c['text_field']
         self.texts_field, self.texts_valid_field = c['texts_field'], c['texts_valid_field']
         if not (self.clip_weight or self.multipos_weight or self.grouping_weight):
-            raise ValueError('dreamlip: clip_weight, multipos_weight and grouping_weight are all 0.')
+            raise ValueError(
+                'dreamlip: clip_weight, multipos_weight and grouping_weight are all 0.'
+            )
         self.uses_subcaptions = bool(self.multipos_weight or self.grouping_weight)
         self.fields = (self.image_field, self.text_field)
         if self.uses_subcaptions:
@@ -368,7 +400,8 @@ class DreamLip:
             raise ValueError(
                 'dreamlip grouping term needs a learnable `model.grouping_logit_scale` (log of '
                 'the grouping temperature, a scalar nnx.Param like `logit_scale`); '
-                f'{type(model).__name__} has none. Add it to the model, or set grouping_weight=0.')
+                f'{type(model).__name__} has none. Add it to the model, or set grouping_weight=0.'
+            )
         zimg, img_aux = model.encode_image(batch[self.image_field], train=train)
         text_bl = batch[self.text_field]
         if self.uses_subcaptions:
@@ -376,8 +409,10 @@ class DreamLip:
             valid_bk = jnp.asarray(batch[self.texts_valid_field], bool)
             b, k, _ = texts_bkl.shape
             if text_bl.shape[0] != b or tuple(valid_bk.shape) != (b, k):
-                raise ValueError(f'dreamlip wants text (B, L), texts (B, K, L), texts_valid (B, K); '
-                                 f'got {text_bl.shape}, {texts_bkl.shape}, {valid_bk.shape}.')
+                raise ValueError(
+                    f'dreamlip wants text (B, L), texts (B, K, L), texts_valid (B, K); '
+                    f'got {text_bl.shape}, {texts_bkl.shape}, {valid_bk.shape}.'
+                )
             ztxt_bte = self._encode_texts(model, text_bl, texts_bkl, train=train)
             ztxt = ztxt_bte[:, 0]
         else:
@@ -396,19 +431,36 @@ class DreamLip:
             if self.global_loss == 'clip':
                 term = clip_loss(zimg=zimg, ztxt=ztxt, scale=jnp.exp(model.logit_scale[...]))
             else:
-                kwargs = dict(zimg=zimg, ztxt=ztxt, scale=jnp.exp(model.logit_scale[...]),
-                              bias=model.logit_bias[...])
-                term = (siglip_loss_chunked(**kwargs, chunk_size=self.chunk_size)
-                        if self.chunk_size else siglip_loss(**kwargs))
+                kwargs = dict(
+                    zimg=zimg,
+                    ztxt=ztxt,
+                    scale=jnp.exp(model.logit_scale[...]),
+                    bias=model.logit_bias[...],
+                )
+                term = (
+                    siglip_loss_chunked(**kwargs, chunk_size=self.chunk_size)
+                    if self.chunk_size
+                    else siglip_loss(**kwargs)
+                )
             add('clip', self.clip_weight, term)
 
         if self.uses_subcaptions:
             t = 1 + k
             # Text (b, j) of the flattened (B (1 + K)) list; the raw caption is always valid.
             valid_bt = jnp.concatenate([jnp.ones((b, 1), bool), valid_bk], axis=1)
-            hashes_bt2 = text_hashes(jnp.concatenate(
-                [_pad_to(text_bl[:, None], texts_bkl.shape[2]),
-                 _pad_to(texts_bkl, text_bl.shape[1])], axis=1)) if self.ignore_duplicates else None
+            hashes_bt2 = (
+                text_hashes(
+                    jnp.concatenate(
+                        [
+                            _pad_to(text_bl[:, None], texts_bkl.shape[2]),
+                            _pad_to(texts_bkl, text_bl.shape[1]),
+                        ],
+                        axis=1,
+                    )
+                )
+                if self.ignore_duplicates
+                else None
+            )
 
         if self.multipos_weight:
             # pos[i, (b, j)] = b == i & valid; neg = b != i & valid & not a copy of a positive.
@@ -423,24 +475,41 @@ class DreamLip:
                 neg_mask = neg_mask & ~copy
             ztxt_all = ztxt_bte.reshape(b * t, -1)
             if self.multipos_form == 'infonce':
-                term = multipos_infonce_loss(zimg=zimg, ztxt_all=ztxt_all, pos_mask=pos_mask,
-                                             neg_mask=neg_mask, scale=jnp.exp(model.logit_scale[...]))
+                term = multipos_infonce_loss(
+                    zimg=zimg,
+                    ztxt_all=ztxt_all,
+                    pos_mask=pos_mask,
+                    neg_mask=neg_mask,
+                    scale=jnp.exp(model.logit_scale[...]),
+                )
             else:
-                term = multipos_circle_loss(zimg=zimg, ztxt_all=ztxt_all, pos_mask=pos_mask,
-                                            neg_mask=neg_mask, gamma=self.gamma, margin=self.margin)
+                term = multipos_circle_loss(
+                    zimg=zimg,
+                    ztxt_all=ztxt_all,
+                    pos_mask=pos_mask,
+                    neg_mask=neg_mask,
+                    gamma=self.gamma,
+                    margin=self.margin,
+                )
             add('multipos', self.multipos_weight, term)
 
         if self.grouping_weight:
             # See the module docstring for why the tokens go through the image projection.
-            patch_z = _normalise(model.image_proj(img_aux['img/tokens']).astype(
-                _loss_dtype(img_aux['img/tokens'])))
+            patch_z = _normalise(
+                model.image_proj(img_aux['img/tokens']).astype(_loss_dtype(img_aux['img/tokens']))
+            )
             neg_mask = None
             if self.ignore_duplicates:
                 h_sub = hashes_bt2[:, 1:].reshape(b * k, 2)
                 neg_mask = ~_same_text(h_sub[:, None], h_sub[None])
-            term = grouping_loss(patch_z=patch_z, sub_z=ztxt_bte[:, 1:], sub_valid=valid_bk,
-                                 scale=jnp.exp(model.grouping_logit_scale[...]),
-                                 threshold=self.threshold, neg_mask=neg_mask)
+            term = grouping_loss(
+                patch_z=patch_z,
+                sub_z=ztxt_bte[:, 1:],
+                sub_valid=valid_bk,
+                scale=jnp.exp(model.grouping_logit_scale[...]),
+                threshold=self.threshold,
+                neg_mask=neg_mask,
+            )
             add('grouping', self.grouping_weight, term)
 
         return total, metrics

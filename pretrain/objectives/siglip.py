@@ -90,7 +90,11 @@ def siglip_loss_chunked(
         logits_bc = jax.lax.stop_gradient(logits_bc)
         text_ids_c = start + jnp.arange(chunk_size)
         t2i_hits = jnp.sum(jnp.argmax(logits_bc, axis=0) == text_ids_c)
-        return softplus_sum, (t2i_hits, jnp.max(logits_bc, axis=1), start + jnp.argmax(logits_bc, axis=1))
+        return softplus_sum, (
+            t2i_hits,
+            jnp.max(logits_bc, axis=1),
+            start + jnp.argmax(logits_bc, axis=1),
+        )
 
     def step(carry, xs):
         softplus_sum, t2i_hits, best_b, best_idx_b = carry
@@ -142,7 +146,9 @@ class Siglip:
         del rng  # Deterministic loss; dropout rngs, if any, live in the model.
         zimg, _ = model.encode_image(batch[self.image_field], train=train)
         ztxt, _ = model.encode_text(batch[self.text_field], train=train)
-        kwargs = dict(zimg=zimg, ztxt=ztxt, scale=jnp.exp(model.logit_scale[...]), bias=model.logit_bias[...])
+        kwargs = dict(
+            zimg=zimg, ztxt=ztxt, scale=jnp.exp(model.logit_scale[...]), bias=model.logit_bias[...]
+        )
         if self.chunk_size:
             return siglip_loss_chunked(**kwargs, chunk_size=self.chunk_size)
         return siglip_loss(**kwargs)
