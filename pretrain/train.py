@@ -157,7 +157,7 @@ def run(config, workdir: str) -> dict:
             Hook('checkpoint', config.checkpoint.every, save),
         ]
         p0, pn = config.profile.start_step, config.profile.num_steps
-        profiling = is_main and p0 > 0
+        profiling, tracing = is_main and p0 > 0, False
 
         data_iter = iter(loader)
         pending = None  # device metrics of the previous step, checked one step late
@@ -165,10 +165,12 @@ def run(config, workdir: str) -> dict:
         for step in range(start + 1, total + 1):
             if profiling and step == p0:
                 jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+                tracing = True
             batch = sharding.global_batch(next(data_iter), mesh)
             state, device_metrics = train_step(state, batch)
-            if profiling and step == p0 + pn:
+            if tracing and step == p0 + pn:
                 jax.profiler.stop_trace()
+                tracing = False
             if step == start + 1:  # throughput excludes compilation
                 jax.block_until_ready(device_metrics)
                 throughput(step)
@@ -196,6 +198,8 @@ def run(config, workdir: str) -> dict:
                 break
         if pending is not None:
             _check(*pending, last_good, ckpt)
+        if tracing:  # the run ended inside the profiled window
+            jax.profiler.stop_trace()
         bar.close()
 
     loader.close()
