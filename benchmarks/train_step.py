@@ -30,7 +30,6 @@ benchmark in a subprocess with the other setting and records both.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -50,17 +49,7 @@ CONTENDED_ABOVE = 0.1  # share of the cores other processes used during the time
 def parse_args(argv):
     from pretrain import config_cli
 
-    overrides, rest = config_cli.parse_overrides(argv)
-    parser = argparse.ArgumentParser(
-        prog='python -m benchmarks.train_step',
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        '--config',
-        required=True,
-        help='config file, optionally with :variant, e.g. configs/clip.py:b16',
-    )
+    parser = config_cli.argument_parser('python -m benchmarks.train_step', __doc__)
     parser.add_argument('--steps', type=int, default=10, help='timed steps')
     parser.add_argument(
         '--warmup',
@@ -81,7 +70,7 @@ def parse_args(argv):
         help='also time the forward pass and forward+backward without the update',
     )
     parser.add_argument('--label', default='', help='free text stored in the JSON')
-    args = parser.parse_args(rest)
+    args, overrides = config_cli.parse_args(parser, argv)
     if args.steps < 1 or args.warmup < 1:
         parser.error('--steps and --warmup must be >= 1')
     return args, overrides

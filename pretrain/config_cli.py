@@ -7,6 +7,7 @@ config is locked afterwards so code cannot add keys by accident either.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import importlib.util
@@ -130,3 +131,22 @@ def build_config(spec: str, overrides: list[tuple[str, str]]) -> ConfigDict:
     for key, value in overrides:
         apply_override(config, key, value)
     return config
+
+
+def argument_parser(prog: str, description: str, *, config_help: str | None = None):
+    """An ArgumentParser with the `--config path[:variant]` flag every entry point takes."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        '--config',
+        required=True,
+        help=config_help or 'config file, optionally with :variant, e.g. configs/clip.py:b16',
+    )
+    return parser
+
+
+def parse_args(parser, argv: list[str]):
+    """(args, overrides): `--config.a.b=v` overrides split off, the rest parsed by `parser`."""
+    overrides, rest = parse_overrides(argv)
+    return parser.parse_args(rest), overrides

@@ -12,7 +12,6 @@ model overrides as the training run: the checkpoint is restored onto that model'
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -24,21 +23,18 @@ class EvalError(RuntimeError):
 
 def parse_args(argv):
     from pretrain import config_cli
+    from pretrain.main import add_distributed_flags
 
-    overrides, rest = config_cli.parse_overrides(argv)
-    parser = argparse.ArgumentParser(
-        prog='python -m pretrain.evaluate',
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = config_cli.argument_parser(
+        'python -m pretrain.evaluate',
+        __doc__,
+        config_help='the training config, e.g. configs/clip.py',
     )
-    parser.add_argument('--config', required=True, help='the training config, e.g. configs/clip.py')
     parser.add_argument('--workdir', required=True, help='the training workdir (checkpoints/)')
     parser.add_argument('--step', type=int, help='checkpoint step (default: the latest)')
     parser.add_argument('--only', help='comma-separated evaluator names (default: all)')
-    parser.add_argument('--coordinator', help='host:port of process 0 (multi-process runs)')
-    parser.add_argument('--num_processes', type=int)
-    parser.add_argument('--process_id', type=int)
-    return parser.parse_args(rest), overrides
+    add_distributed_flags(parser)
+    return config_cli.parse_args(parser, argv)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

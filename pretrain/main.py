@@ -10,7 +10,6 @@ Ctrl-C saves a checkpoint and exits 0. On several hosts the same command runs on
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -45,28 +44,22 @@ def ensure_fast_malloc():
     os.execve(sys.executable, sys.orig_argv, env)
 
 
-def parse_args(argv):
-    from pretrain import config_cli
-
-    overrides, rest = config_cli.parse_overrides(argv)
-    parser = argparse.ArgumentParser(
-        prog='python -m pretrain.main',
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        '--config',
-        required=True,
-        help='config file, optionally with :variant, e.g. configs/clip.py:b16',
-    )
-    parser.add_argument(
-        '--workdir', required=True, help='where metrics, config.json and checkpoints go'
-    )
+def add_distributed_flags(parser):
+    """Explicit multi-process flags; without them the cluster environment is read."""
     parser.add_argument('--coordinator', help='host:port of process 0 (multi-process runs)')
     parser.add_argument('--num_processes', type=int)
     parser.add_argument('--process_id', type=int)
-    args = parser.parse_args(rest)
-    return args, overrides
+
+
+def parse_args(argv):
+    from pretrain import config_cli
+
+    parser = config_cli.argument_parser('python -m pretrain.main', __doc__)
+    parser.add_argument(
+        '--workdir', required=True, help='where metrics, config.json and checkpoints go'
+    )
+    add_distributed_flags(parser)
+    return config_cli.parse_args(parser, argv)
 
 
 def maybe_initialize_distributed(args):

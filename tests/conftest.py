@@ -35,9 +35,8 @@ def python():
     return run_python
 
 
-# A model small enough that a train step takes milliseconds; used by the CLI tests.
-TINY = [
-    '--config.batch_size=16',
+# A model small enough that a train step takes milliseconds.
+TINY_MODEL = [
     '--config.model.image.depth=1',
     '--config.model.text.depth=1',
     '--config.model.image.width=32',
@@ -49,6 +48,11 @@ TINY = [
     '--config.model.image.image_size=32',
     '--config.input.context_length=32',
     '--config.model.text.context_length=32',
+]
+# The CLI tests' run: the tiny model, batch 16, no progress bar, no periodic evaluation.
+TINY = [
+    '--config.batch_size=16',
+    *TINY_MODEL,
     '--config.optim.warmup_steps=2',
     '--config.progress=false',
     '--config.eval_every=0',

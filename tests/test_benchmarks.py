@@ -14,22 +14,10 @@ from pretrain import config_cli
 if ROOT not in sys.path:  # benchmarks/ is a folder of scripts, not an installed package
     sys.path.insert(0, ROOT)
 from benchmarks import train_step as bench  # noqa: E402
+from conftest import TINY_MODEL  # noqa: E402
 
 # One block of width 32 per tower, batch 8, 32 px images and 32-token captions.
-TINY_BENCH = [
-    '--config.batch_size=8',
-    '--config.model.image.depth=1',
-    '--config.model.text.depth=1',
-    '--config.model.image.width=32',
-    '--config.model.text.width=32',
-    '--config.model.image.heads=2',
-    '--config.model.text.heads=2',
-    '--config.model.embed_dim=16',
-    '--config.input.image_size=32',
-    '--config.model.image.image_size=32',
-    '--config.input.context_length=32',
-    '--config.model.text.context_length=32',
-]
+TINY_BENCH = ['--config.batch_size=8', *TINY_MODEL]
 
 
 def test_train_step_benchmark_writes_sane_json(python, tmp_path):
