@@ -6,9 +6,6 @@ equality (not the objective's hashes), and get gradients by central finite diffe
 share no code with pretrain/objectives/dreamlip.py.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -26,9 +23,6 @@ from pretrain.objectives.dreamlip import (
     multipos_infonce_loss,
     text_hashes,
 )
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 # ----------------------------------------------------------------------------
 # numpy references (float64)
@@ -771,20 +765,7 @@ SHARDED_CHECK = textwrap.dedent("""
     """)
 
 
-def test_sharded_matches_unsharded():
-    env = {
-        **os.environ,
-        'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-        'JAX_PLATFORMS': 'cpu',
-        'PYTHONPATH': os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]),
-    }
-    result = subprocess.run(
-        [sys.executable, '-c', SHARDED_CHECK],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_sharded_matches_unsharded(python):
+    # Own process: the 8 CPU devices must be set before JAX starts.
+    result = python(['-c', SHARDED_CHECK], devices=8, env={'JAX_PLATFORMS': 'cpu'}, timeout=300)
     assert result.stdout.count(' ok ') == 5, result.stdout
