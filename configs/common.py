@@ -42,6 +42,8 @@ BYTE_VOCAB_SIZE = 258
 
 
 def vit_config(size: str, *, patch: int, image_size: int, pool: str = 'cls') -> ConfigDict:
+    """The image tower. The last six fields exist to run imported layouts exactly (see
+    pretrain/weights/); their defaults are this codebase's own ViT."""
     width, depth, heads = VIT_SIZES[size]
     return ConfigDict(
         dict(
@@ -52,6 +54,14 @@ def vit_config(size: str, *, patch: int, image_size: int, pool: str = 'cls') -> 
             patch=patch,
             image_size=image_size,
             pool=pool,
+            ln_pre=False,  # CLIP: LayerNorm on the tokens before the first block
+            patch_bias=True,  # CLIP's patch conv has no bias
+            activation='gelu_tanh',  # or 'gelu' (exact: open_clip), 'quick_gelu' (OpenAI CLIP)
+            ln_eps=1e-6,  # CLIP: 1e-5
+            # Per-channel 0..255 statistics; None scales pixels to [-1, 1] (SigLIP's too).
+            # OpenAI CLIP: mean (122.77, 116.75, 104.09), std (68.50, 66.63, 70.32).
+            pixel_mean=None,
+            pixel_std=None,
         )
     )
 
@@ -64,6 +74,7 @@ def text_config(
     causal: bool = True,
     pool: str = 'eos',
 ) -> ConfigDict:
+    """The text tower; pool: eos | argmax (CLIP) | last (SigLIP) | mean."""
     width, depth, heads = TEXT_SIZES[size]
     return ConfigDict(
         dict(
@@ -76,6 +87,9 @@ def text_config(
             causal=causal,
             pool=pool,
             pad_id=0,
+            mask_padding=True,  # bidirectional towers only; SigLIP attends to its padding
+            activation='gelu_tanh',
+            ln_eps=1e-6,
         )
     )
 
@@ -101,6 +115,9 @@ def model_config(
             logit_scale_init=logit_scale_init,
             logit_bias_init=logit_bias_init,
             grouping_logit_scale_init=grouping_logit_scale_init,
+            # 'none': SigLIP's pooled image features are the embedding (embed_dim = width).
+            image_proj='linear',
+            proj_bias=False,  # SigLIP's text head has a bias
         )
     )
 
@@ -160,6 +177,8 @@ def shapes_input(
             subcaption_context_length=subcaption_context_length,
             subcaption_fill=subcaption_fill,
             context_length=context_length,
+            tokenizer='bytes',  # see real_input
+            tokenizer_path='',
             max_objects=3,
             epoch_size=1_000_000,
             num_threads=2,
@@ -167,6 +186,147 @@ def shapes_input(
             max_bad_fraction=0.01,
         )
     )
+
+
+# Real data. `input.source` names the format and `input.data` holds its options
+# (input_pipeline/pipeline.py:make_source builds the source from them). Each *_data helper
+# returns one format's options; real_input wraps one into a whole `input` section, and
+# mixture_input several, with their weights. Paths are checked when training starts.
+
+
+def jsonl_data(path: str, *, image_root: str = '', image_field: str = 'image') -> dict:
+    """Images in a folder + a JSONL of {"image": "rel/path.jpg", "caption": ..., ...} lines.
+
+    image_root '' = the JSONL's folder. Every field of a line is a record field, so
+    caption_field / caption_probs / subcaption_field name JSONL keys.
+    """
+    return dict(source='jsonl', path=path, image_root=image_root, image_field=image_field)
+
+
+def csv_data(
+    path: str,
+    *,
+    image_root: str = '',
+    image_column: str = 'filepath',
+    caption_column: str = 'title',
+    separator: str = '\t',
+) -> dict:
+    """Images in a folder + an open_clip CSV/TSV; the caption column is read as `caption`."""
+    return dict(
+        source='csv',
+        path=path,
+        image_root=image_root,
+        image_column=image_column,
+        caption_column=caption_column,
+        separator=separator,
+    )
+
+
+def webdataset_data(urls: str, *, index_dir: str = '') -> dict:
+    """img2dataset tar shards, e.g. '/data/cc3m/{00000..00331}.tar'; .txt is `caption`.
+
+    index_dir: where the per-shard random-access indexes are cached ('' = next to them).
+    """
+    return dict(source='webdataset', urls=urls, index_dir=index_dir)
+
+
+def array_record_data(paths: str) -> dict:
+    """ArrayRecord shards written by `python -m input_pipeline.convert` (a folder or glob)."""
+    return dict(source='array_record', paths=paths)
+
+
+def tfds_data(
+    name: str, *, split: str = 'train', data_dir: str = '', fields: dict | None = None
+) -> dict:
+    """A TFDS dataset prepared as ArrayRecord; fields: record name -> feature path.
+
+    e.g. coco_captions: {'image': 'image', 'caption': 'captions/text'} (the first caption).
+    """
+    return dict(
+        source='tfds',
+        name=name,
+        split=split,
+        data_dir=data_dir,
+        fields=dict(fields or {'image': 'image', 'caption': 'caption'}),
+    )
+
+
+def coco_data(annotations: str, images: str, *, split: str = 'train') -> dict:
+    """COCO captions JSON (or a Karpathy split JSON of `split`, or a Flickr token file) and
+    its image folder; training draws one of an image's captions per epoch as `caption`."""
+    return dict(source='coco', annotations=annotations, images=images, split=split)
+
+
+def real_input(
+    data: dict,
+    *,
+    image_size: int,
+    context_length: int,
+    caption_field: str = 'caption',
+    caption_probs: dict | None = None,
+    subcaption_field: str = 'long_caption',
+    num_subcaptions: int = 6,
+    subcaption_context_length: int = 128,
+    subcaption_fill: str = 'replace',
+    tokenizer: str = 'bytes',
+    tokenizer_path: str = '',
+    crop_scale: tuple = (0.9, 1.0),
+    crop_ratio: tuple = (3 / 4, 4 / 3),
+    flip: bool = True,
+    num_threads: int = 8,
+    prefetch: int = 4,
+    max_bad_fraction: float = 0.01,
+) -> ConfigDict:
+    """The `input` section for real image-text data (one of the *_data helpers above).
+
+    Training images are decoded and cropped in one step (DecodeRandomResizedCrop to
+    image_size: `crop_scale` of the area, aspect in `crop_ratio`; open_clip's CLIP recipe
+    uses (0.9, 1.0)), then flipped left-right half the time when `flip` (turn it off when
+    captions say "left" / "right"). Caption fields as in shapes_input. tokenizer: 'bytes'
+    (no file), 'sentencepiece' (a .model) or 'hf' (a tokenizer.json) at tokenizer_path;
+    model.text.vocab_size must hold its vocabulary. num_threads decode in parallel
+    (JPEG decoding and resizing release the GIL).
+    """
+    data = dict(data)
+    return ConfigDict(
+        dict(
+            source=data.pop('source'),
+            data=data,
+            image_size=image_size,
+            caption_field=caption_field,
+            caption_probs=dict(caption_probs or {}),
+            subcaption_field=subcaption_field,
+            num_subcaptions=num_subcaptions,
+            subcaption_context_length=subcaption_context_length,
+            subcaption_fill=subcaption_fill,
+            context_length=context_length,
+            tokenizer=tokenizer,
+            tokenizer_path=tokenizer_path,
+            crop_scale=tuple(crop_scale),
+            crop_ratio=tuple(crop_ratio),
+            flip=flip,
+            num_threads=num_threads,
+            prefetch=prefetch,
+            max_bad_fraction=max_bad_fraction,
+        )
+    )
+
+
+def mixture_input(
+    components: dict, *, weights: dict, num_records: int = 0, **input_options
+) -> ConfigDict:
+    """A weighted mixture of *_data components: {'name': jsonl_data(...), ...}.
+
+    weights {'name': w} (normalised; 0 switches a component off, settable from the
+    command line: --config.input.data.components.name.weight=0). num_records 0: one
+    epoch reads every component whole at its weight, the smaller ones repeated
+    (input_pipeline/sources/mixture.py). Every component needs the caption fields.
+    """
+    if set(weights) != set(components):
+        raise ValueError(f'weights name {sorted(weights)}, components are {sorted(components)}')
+    parts = {name: dict(part, weight=float(weights[name])) for name, part in components.items()}
+    data = dict(source='mixture', components=parts, num_records=num_records)
+    return real_input(data, **input_options)
 
 
 def base_config(*, total_steps: int, batch_size: int) -> ConfigDict:
@@ -181,6 +341,10 @@ def base_config(*, total_steps: int, batch_size: int) -> ConfigDict:
             log_every=10,
             checkpoint=ConfigDict(dict(every=100, keep=3, keep_every=0, async_save=True)),
             profile=ConfigDict(dict(start_step=-1, num_steps=5)),  # -1: no trace
+            # Initial weights (a fresh run only; resuming uses the checkpoint): format is one
+            # of pretrain.weights.FORMATS (export, hf_clip, hf_siglip, open_clip, big_vision),
+            # '' for random init. The model config must match the layout's architecture.
+            init=ConfigDict(dict(format='', path='')),
             progress=True,
         )
     )
@@ -264,4 +428,242 @@ def evals_config(
                 include_background=True,
             ),
         )
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation on real data: one section per dataset, added to `config.evals` next to (or
+# instead of) the shapes ones; configs/eval_real.py puts them on any training config.
+# Roots left '' must be set (`--config.evals.<name>.root=/data/...`): building the
+# evaluators opens every source and fails in one line naming a missing or empty one.
+# image_size / context_length None follow config.input (the model's resolution).
+
+# CLIP's 80 ImageNet prompts (Radford et al. 2021; the "Prompt Engineering for ImageNet"
+# notebook), averaged per class. Prompts.texts() writes "an" before a vowel ("an origami").
+CLIP_IMAGENET_TEMPLATES = (
+    'a bad photo of a {}.', 'a photo of many {}.', 'a sculpture of a {}.',
+    'a photo of the hard to see {}.', 'a low resolution photo of the {}.',
+    'a rendering of a {}.', 'graffiti of a {}.', 'a bad photo of the {}.',
+    'a cropped photo of the {}.', 'a tattoo of a {}.', 'the embroidered {}.',
+    'a photo of a hard to see {}.', 'a bright photo of a {}.', 'a photo of a clean {}.',
+    'a photo of a dirty {}.', 'a dark photo of the {}.', 'a drawing of a {}.',
+    'a photo of my {}.', 'the plastic {}.', 'a photo of the cool {}.',
+    'a close-up photo of a {}.', 'a black and white photo of the {}.',
+    'a painting of the {}.', 'a painting of a {}.', 'a pixelated photo of the {}.',
+    'a sculpture of the {}.', 'a bright photo of the {}.', 'a cropped photo of a {}.',
+    'a plastic {}.', 'a photo of the dirty {}.', 'a jpeg corrupted photo of a {}.',
+    'a blurry photo of the {}.', 'a photo of the {}.', 'a good photo of the {}.',
+    'a rendering of the {}.', 'a {} in a video game.', 'a photo of one {}.',
+    'a doodle of a {}.', 'a close-up photo of the {}.', 'a photo of a {}.',
+    'the origami {}.', 'the {} in a video game.', 'a sketch of a {}.',
+    'a doodle of the {}.', 'a origami {}.', 'a low resolution photo of a {}.',
+    'the toy {}.', 'a rendition of the {}.', 'a photo of the clean {}.',
+    'a photo of a large {}.', 'a rendition of a {}.', 'a photo of a nice {}.',
+    'a photo of a weird {}.', 'a blurry photo of a {}.', 'a cartoon {}.', 'art of a {}.',
+    'a sketch of the {}.', 'a embroidered {}.', 'a pixelated photo of a {}.',
+    'itap of the {}.', 'a jpeg corrupted photo of the {}.', 'a good photo of a {}.',
+    'a plushie {}.', 'a photo of the nice {}.', 'a photo of the small {}.',
+    'a photo of the weird {}.', 'the cartoon {}.', 'art of the {}.',
+    'a drawing of the {}.', 'a photo of the large {}.', 'a black and white photo of a {}.',
+    'the plushie {}.', 'a dark photo of a {}.', 'itap of a {}.', 'graffiti of the {}.',
+    'a toy {}.', 'itap of my {}.', 'a photo of a cool {}.', 'a photo of a small {}.',
+    'a tattoo of the {}.',
+)  # fmt: skip
+# The 7 of them the CLIP notebook found to do as well as all 80: 11x fewer text forwards.
+CLIP_TEMPLATES_7 = (
+    'itap of a {}.',
+    'a bad photo of the {}.',
+    'a origami {}.',
+    'a photo of the large {}.',
+    'a {} in a video game.',
+    'art of the {}.',
+    'a photo of the small {}.',
+)
+# Pascal VOC's label 0: prompts that describe no object.
+VOC_BACKGROUND_PROMPTS = (
+    'a photo of the background.',
+    'a photo of nothing.',
+    'background.',
+)
+
+
+def _real_eval(kind: str, source: str, *, batch_size: int, num_examples: int, **fields):
+    return ConfigDict(
+        dict(
+            kind=kind,
+            source=source,
+            image_size=None,
+            context_length=None,
+            batch_size=batch_size,
+            num_examples=num_examples,  # 0: all; N: N records spread over the whole set
+            num_threads=8,  # image decoding threads per process
+            **fields,
+        )
+    )
+
+
+def folder_zeroshot_eval(
+    root: str = '',
+    *,
+    classnames: tuple = (),
+    templates: tuple = CLIP_IMAGENET_TEMPLATES,
+    num_examples: int = 0,
+    batch_size: int = 256,
+) -> ConfigDict:
+    """Zero-shot top-1/top-5 on an ImageFolder root/<class_name>/<image>; class names are
+    the folder names ('_' -> ' ') unless `classnames` lists them in sorted-folder order
+    (e.g. readable ImageNet names for WordNet-id folders)."""
+    return _real_eval(
+        'zeroshot',
+        'folder',
+        batch_size=batch_size,
+        num_examples=num_examples,
+        root=root,
+        classnames=tuple(classnames),
+        templates=tuple(templates),
+        top_k=(1, 5),
+    )
+
+
+def tfds_zeroshot_eval(
+    tfds_name: str = '',
+    *,
+    split: str = 'test',
+    data_dir: str = '',
+    image_key: str = 'image',
+    label_key: str = 'label',
+    classnames: tuple = (),
+    templates: tuple = CLIP_IMAGENET_TEMPLATES,
+    num_examples: int = 0,
+    batch_size: int = 256,
+) -> ConfigDict:
+    """Zero-shot on a TFDS classification dataset prepared as ArrayRecord (`tfds build
+    --file_format=array_record cifar10`); class names from its ClassLabel feature."""
+    return _real_eval(
+        'zeroshot',
+        'tfds',
+        batch_size=batch_size,
+        num_examples=num_examples,
+        tfds_name=tfds_name,
+        split=split,
+        data_dir=data_dir,
+        image_key=image_key,
+        label_key=label_key,
+        classnames=tuple(classnames),
+        templates=tuple(templates),
+        top_k=(1, 5),
+    )
+
+
+def coco_retrieval_eval(
+    root: str = '',
+    *,
+    split: str = 'val2017',
+    annotations: str = '',
+    images: str = '',
+    num_examples: int = 0,
+    batch_size: int = 256,
+    chunk_size: int = 1024,
+) -> ConfigDict:
+    """Image<->text R@1/5/10 on COCO: root/annotations/captions_<split>.json and
+    root/<split>/ (5k images x ~25k captions for val2017), or explicit `annotations` (a
+    captions JSON, or Karpathy's dataset_coco.json with split='test') and `images`."""
+    return _real_eval(
+        'retrieval',
+        'coco',
+        batch_size=batch_size,
+        num_examples=num_examples,
+        root=root,
+        split=split,
+        annotations=annotations,
+        images=images,
+        ks=(1, 5, 10),
+        chunk_size=chunk_size,
+    )
+
+
+def flickr_retrieval_eval(
+    root: str = '',
+    *,
+    split: str = 'test',
+    annotations: str = '',
+    images: str = '',
+    num_examples: int = 0,
+    batch_size: int = 256,
+    chunk_size: int = 1024,
+) -> ConfigDict:
+    """Image<->text R@1/5/10 on Flickr30k's Karpathy split: root/dataset_flickr30k.json and
+    root/flickr30k-images/ (1k test images x 5 captions), or explicit `annotations` (a
+    Karpathy JSON or a Flickr `.token` file) and `images`."""
+    return _real_eval(
+        'retrieval',
+        'flickr',
+        batch_size=batch_size,
+        num_examples=num_examples,
+        root=root,
+        split=split,
+        annotations=annotations,
+        images=images,
+        ks=(1, 5, 10),
+        chunk_size=chunk_size,
+    )
+
+
+def ade20k_eval(
+    root: str = '',
+    *,
+    split: str = 'validation',
+    readout: str = 'value',
+    templates: tuple = CLIP_IMAGENET_TEMPLATES,
+    num_examples: int = 0,
+    batch_size: int = 64,
+) -> ConfigDict:
+    """Dense zero-shot mIoU on ADE20K (root = ADEChallengeData2016): 150 classes, label 0
+    not scored. ADE20K has no background class, so the background rule is off: a
+    threshold of -2 is below any cosine similarity."""
+    return _real_eval(
+        'dense_zeroshot',
+        'ade20k',
+        batch_size=batch_size,
+        num_examples=num_examples,
+        root=root,
+        split=split,
+        classnames=(),  # (): the 150 standard names (input_pipeline/sources/segmentation.py)
+        readout=readout,
+        background='threshold',
+        threshold=-2.0,
+        background_prompts=(),
+        templates=tuple(templates),
+        include_background=False,
+    )
+
+
+def voc_eval(
+    root: str = '',
+    *,
+    split: str = 'val',
+    readout: str = 'value',
+    background: str = 'prompt',
+    threshold: float = 0.2,
+    templates: tuple = CLIP_IMAGENET_TEMPLATES,
+    num_examples: int = 0,
+    batch_size: int = 64,
+) -> ConfigDict:
+    """Dense zero-shot mIoU on Pascal VOC 2012 (root = VOCdevkit/VOC2012): 20 classes +
+    background (scored, as VOC's 21-class mIoU), 255 not scored. Background by its own
+    prompts, or `background='threshold'` below `threshold`."""
+    return _real_eval(
+        'dense_zeroshot',
+        'voc',
+        batch_size=batch_size,
+        num_examples=num_examples,
+        root=root,
+        split=split,
+        classnames=(),  # (): the 20 standard names (input_pipeline/sources/segmentation.py)
+        readout=readout,
+        background=background,
+        threshold=threshold,
+        background_prompts=VOC_BACKGROUND_PROMPTS,
+        templates=tuple(templates),
+        include_background=True,
     )

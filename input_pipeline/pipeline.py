@@ -2,6 +2,16 @@
 
 Knows the `input` section of a config and the batch field names, nothing about models.
 
+Sources. `input.source` names the format: 'shapes' (the embedded default, options at
+the top of `input`) or a real-data format whose options are `input.data`
+(configs/common.py: jsonl_data, csv_data, webdataset_data, array_record_data,
+tfds_data, coco_data, and mixture_input for several with weights). Real sources give encoded
+image bytes; for training they are decoded straight into a random resized crop at
+`input.image_size` (`input.crop_scale`, `input.crop_ratio`) and flipped when
+`input.flip`. Shapes images are already arrays at their size and go through as they are.
+A missing path, an empty dataset, an unreadable start of the data or a caption field
+the records lack is a ValueError here, at start, naming it.
+
 Caption fields of the batch (built only when an objective asks for them):
   text         (B, context_length) int32: the caption. `input.caption_field`, or,
                when `input.caption_probs` ({field: probability}) is not empty, one of
@@ -17,7 +27,7 @@ from __future__ import annotations
 from input_pipeline import captions
 from input_pipeline import loader as loader_lib
 from input_pipeline import tokenizers, transforms
-from input_pipeline.sources import shapes
+from input_pipeline.sources import array_record, coco, folder, mixture, shapes, tfds, webdataset
 
 # Batch fields this pipeline can build, beyond the caption fields below.
 RECORD_FIELDS = ('image', 'label', 'shape_label', 'seg', 'instance', 'boxes', 'depth', 'id')
@@ -31,7 +41,26 @@ _DEFAULTS = dict(
     num_subcaptions=6,
     subcaption_context_length=128,
     subcaption_fill='replace',
+    tokenizer='bytes',
+    tokenizer_path='',
 )
+
+# input.source -> the source class of input.data's options (keyword arguments).
+DATA_SOURCES = {
+    'jsonl': folder.JsonlSource,
+    'csv': folder.CsvSource,
+    'webdataset': webdataset.WebDatasetSource,
+    'array_record': array_record.ArrayRecordSource,
+    'tfds': tfds.TfdsSource,
+    'coco': coco.CaptionedImages,  # COCO captions JSON, Karpathy splits, Flickr tokens
+}
+# A record that cannot be read at start is tried on the next ones, up to this many: a
+# few bad records are normal, a run of them means a wrong path or image root.
+_START_RECORDS = 10
+
+
+class InputError(ValueError):
+    """A config or data problem found at start (path, field, tokenizer): one line to print."""
 
 
 def _get(input_config, key):
@@ -39,19 +68,67 @@ def _get(input_config, key):
 
 
 def make_source(input_config, *, split: str = 'train', seed: int = 0):
-    if input_config.source != 'shapes':
-        raise ValueError(f"unknown input.source '{input_config.source}'; valid: shapes")
-    return shapes.ShapesSource(
-        split=split,
-        seed=seed,
-        image_size=input_config.image_size,
-        max_objects=input_config.max_objects,
-        num_records=input_config.epoch_size if split == 'train' else None,
+    """The configured source (real sources read what `input.data` names; split is shapes')."""
+    kind = input_config.source
+    if kind == 'shapes':
+        return shapes.ShapesSource(
+            split=split,
+            seed=seed,
+            image_size=input_config.image_size,
+            max_objects=input_config.max_objects,
+            num_records=input_config.epoch_size if split == 'train' else None,
+        )
+    return make_data_source(kind, _plain(input_config.data), where='input.data')
+
+
+def _plain(section) -> dict:
+    return section.to_dict() if hasattr(section, 'to_dict') else dict(section)
+
+
+def make_data_source(kind: str, options: dict, *, where: str):
+    """A real-data source of format `kind` built from its options (see configs/common.py)."""
+    if kind == 'mixture':
+        components, weights = {}, {}
+        for name, part in options['components'].items():
+            part = dict(part)
+            weights[name] = part.pop('weight')
+            components[name] = make_data_source(
+                part.pop('source'), part, where=f'{where}.components.{name}'
+            )
+        return mixture.MixtureSource(components, weights, num_records=options['num_records'])
+    if kind not in DATA_SOURCES:
+        raise ValueError(
+            f"unknown input.source '{kind}'; valid: shapes, mixture, {', '.join(DATA_SOURCES)}"
+        )
+    try:
+        return DATA_SOURCES[kind](**options)
+    except ValueError as e:
+        raise ValueError(f'{where}: {e}') from None
+
+
+def make_tokenizer(input_config, context_length: int | None = None):
+    """`input.tokenizer` at `context_length` (default `input.context_length`) tokens."""
+    return tokenizers.make_tokenizer(
+        _get(input_config, 'tokenizer'),
+        context_length or input_config.context_length,
+        _get(input_config, 'tokenizer_path'),
     )
 
 
-def make_tokenizer(input_config):
-    return tokenizers.ByteTokenizer(input_config.context_length)
+def image_transforms(input_config) -> list:
+    """Training image transforms: decode + random resized crop (+ flip) for real data."""
+    if input_config.source == 'shapes':
+        return []  # rendered at image_size, and a flip would falsify "left of" captions
+    steps = [
+        transforms.DecodeRandomResizedCrop(
+            input_config.image_size,
+            scale=tuple(input_config.crop_scale),
+            ratio=tuple(input_config.crop_ratio),
+        )
+    ]
+    if input_config.flip:
+        steps.append(transforms.RandomFlip())
+    return steps
 
 
 def caption_probs(input_config) -> dict[str, float]:
@@ -86,7 +163,11 @@ def record_transforms(input_config, fields) -> list:
             f"'{input_config.source}' cannot build; it builds: "
             f"{', '.join(RECORD_FIELDS + CAPTION_FIELDS)}"
         )
-    steps = []
+    # Extra views (views.py) read record['image'] before these replace it with the crop.
+    steps = image_transforms(input_config) if 'image' in fields else []
+    if 'text' in fields and input_config.source == 'coco':
+        # Five captions an image: `caption` is redrawn among them every epoch.
+        steps.append(coco.SampleCaption())
     if 'text' in fields:
         probs = caption_probs(input_config)
         if len(probs) == 1:  # one field: no random draw, exactly the plain pipeline
@@ -99,7 +180,9 @@ def record_transforms(input_config, fields) -> list:
     if {'texts', 'texts_valid'} & set(fields):
         steps.append(
             captions.SampleSubcaptions(
-                tokenizer=tokenizers.ByteTokenizer(_get(input_config, 'subcaption_context_length')),
+                tokenizer=make_tokenizer(
+                    input_config, _get(input_config, 'subcaption_context_length')
+                ),
                 k=_get(input_config, 'num_subcaptions'),
                 field=_get(input_config, 'subcaption_field'),
                 fill=_get(input_config, 'subcaption_fill'),
@@ -111,25 +194,61 @@ def record_transforms(input_config, fields) -> list:
     return steps
 
 
+def first_record(source, *, source_name: str) -> dict:
+    """The first readable record; ValueError at start when none of the first few reads."""
+    errors = []
+    for index in range(min(len(source), _START_RECORDS)):
+        try:
+            return source[index]
+        except Exception as e:  # reported below, with the others
+            errors.append(f'record {index}: {type(e).__name__}: {e}')
+    raise ValueError(
+        f"input '{source_name}': none of the first {len(errors)} records can be read "
+        f"(wrong path or image root?); {errors[0]}"
+    )
+
+
 def check_record_fields(source, names, *, source_name: str) -> None:
     """One-line error at start for a configured field the source's records lack."""
-    if not names:
-        return
-    record = source[0]
-    missing = [n for n in names if n not in record]
-    if missing:
-        text_like = sorted(k for k, v in record.items() if isinstance(v, (str, bytes)))
+    # A mixture's components are checked one by one: each must have the fields.
+    parts = (
+        zip(source.names, source.components)
+        if isinstance(source, mixture.MixtureSource)
+        else [(source_name, source)]
+    )
+    for part_name, part in parts:
+        record = first_record(part, source_name=part_name)
+        missing = [n for n in names if n not in record]
+        if missing:
+            text_like = sorted(k for k, v in record.items() if isinstance(v, (str, bytes)))
+            raise ValueError(
+                f"input names caption field(s) {missing} that '{part_name}' records "
+                f"do not have; their text fields: {', '.join(text_like)}"
+            )
+
+
+def check_vocab_size(config, tokenizer) -> None:
+    """The text tower's embedding must hold every id the tokenizer gives."""
+    model = config.get('model')
+    text = model.get('text') if model else None
+    if text is not None and tokenizer.vocab_size > text.vocab_size:
         raise ValueError(
-            f"input names caption field(s) {missing} that '{source_name}' records "
-            f"do not have; their text fields: {', '.join(text_like)}"
+            f"input.tokenizer '{_get(config.input, 'tokenizer')}' has vocab_size "
+            f"{tokenizer.vocab_size} > model.text.vocab_size {text.vocab_size}; set "
+            f"--config.model.text.vocab_size={tokenizer.vocab_size}"
         )
 
 
 def train_loader(config, *, fields, process_index: int = 0, process_count: int = 1):
+    """This process's loader of the configured data; InputError names a bad path or field."""
     inp = config.input
-    source = make_source(inp, split='train', seed=config.seed)
-    steps = record_transforms(inp, fields)  # validates fields and probabilities first
-    check_record_fields(source, caption_source_fields(inp, fields), source_name=inp.source)
+    try:
+        steps = record_transforms(inp, fields)  # validates fields and probabilities first
+        check_vocab_size(config, make_tokenizer(inp))
+        source = make_source(inp, split='train', seed=config.seed)
+        check_record_fields(source, caption_source_fields(inp, fields), source_name=inp.source)
+    except ValueError as e:
+        raise InputError(str(e)) from e
     return loader_lib.make_loader(
         source,
         steps,
