@@ -140,6 +140,46 @@ def optim_config(
     )
 
 
+def views_options(
+    *,
+    size: int = 0,
+    scale: tuple = (0.2, 1.0),
+    ratio: tuple = (3 / 4, 4 / 3),
+    flip_p: float = 0.5,
+    colour_jitter: tuple = (0.0, 0.0, 0.0),
+    colour_jitter_p: float = 0.8,
+    rotations: str = 'random',
+    mask_patch_size: int = 16,
+    mask_ratio: float = 0.4,
+    mask_min_block: int = 4,
+    mask_min_aspect: float = 0.3,
+) -> ConfigDict:
+    """`input.views`: options of the extra views, built only for objectives that ask for them.
+
+    view1/view2 + coords/flip (PixPro): two crops of size (0 = input.image_size), scale of
+    the area (PixPro: (0.08, 1)), aspect in ratio, flipped with flip_p, colour-jittered with
+    probability colour_jitter_p by (brightness, contrast, saturation) strengths (0s = off).
+    rot_image/rot_label (RotNet): rotations 'random' (one per image) or 'all' (four).
+    mask (BEiT MIM): mask_ratio of the (image_size / mask_patch_size)^2 patches, in blocks
+    of >= mask_min_block patches; mask_patch_size must be the model's patch size.
+    """
+    return ConfigDict(
+        dict(
+            size=size,
+            scale=tuple(scale),
+            ratio=tuple(ratio),
+            flip_p=flip_p,
+            colour_jitter=tuple(colour_jitter),
+            colour_jitter_p=colour_jitter_p,
+            rotations=rotations,
+            mask_patch_size=mask_patch_size,
+            mask_ratio=mask_ratio,
+            mask_min_block=mask_min_block,
+            mask_min_aspect=mask_min_aspect,
+        )
+    )
+
+
 def shapes_input(
     *,
     image_size: int,
@@ -183,6 +223,8 @@ def shapes_input(
             epoch_size=1_000_000,
             num_threads=2,
             prefetch=2,
+            device_prefetch=2,  # batches placed on the mesh ahead of the step; 0 = off
+            views=views_options(),  # extra views, built only when an objective asks
             max_bad_fraction=0.01,
         )
     )
@@ -307,6 +349,8 @@ def real_input(
             flip=flip,
             num_threads=num_threads,
             prefetch=prefetch,
+            device_prefetch=2,  # batches placed on the mesh ahead of the step; 0 = off
+            views=views_options(),  # extra views, built only when an objective asks
             max_bad_fraction=max_bad_fraction,
         )
     )
@@ -487,7 +531,8 @@ VOC_BACKGROUND_PROMPTS = (
 )
 
 
-def _real_eval(kind: str, source: str, *, batch_size: int, num_examples: int, **fields):
+def _real_eval(kind: str, source: str, *, batch_size: int, **fields):
+    """num_examples (where there is one): 0 all; N: N records spread over the whole set."""
     return ConfigDict(
         dict(
             kind=kind,
@@ -495,7 +540,6 @@ def _real_eval(kind: str, source: str, *, batch_size: int, num_examples: int, **
             image_size=None,
             context_length=None,
             batch_size=batch_size,
-            num_examples=num_examples,  # 0: all; N: N records spread over the whole set
             num_threads=8,  # image decoding threads per process
             **fields,
         )
@@ -666,4 +710,69 @@ def voc_eval(
         background_prompts=VOC_BACKGROUND_PROMPTS,
         templates=tuple(templates),
         include_background=True,
+    )
+
+
+# Relative to the mean feature variance; chosen on the validation split (linear_probe.py).
+PROBE_LAMBDAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def folder_probe_eval(
+    root: str = '',
+    test_root: str = '',
+    *,
+    num_train: int = 0,
+    num_val: int = 1000,
+    num_test: int = 0,
+    feature: str = 'pooled',
+    batch_size: int = 256,
+) -> ConfigDict:
+    """Linear probe (ridge, strength chosen on val) on ImageFolders: train + val drawn from
+    `root` (num_val with a fixed seed, then num_train of the rest; 0: all), test from
+    `test_root` (num_test spread evenly; 0: all). Features: `num_train` x width floats."""
+    return _real_eval(
+        'linear_probe',
+        'folder',
+        batch_size=batch_size,
+        root=root,
+        test_root=test_root,
+        num_train=num_train,
+        num_val=num_val,
+        num_test=num_test,
+        feature=feature,
+        lambdas=PROBE_LAMBDAS,
+    )
+
+
+def tfds_probe_eval(
+    tfds_name: str = '',
+    *,
+    split: str = 'train',
+    test_split: str = 'test',
+    data_dir: str = '',
+    image_key: str = 'image',
+    label_key: str = 'label',
+    num_train: int = 0,
+    num_val: int = 1000,
+    num_test: int = 0,
+    feature: str = 'pooled',
+    batch_size: int = 256,
+) -> ConfigDict:
+    """Linear probe on a TFDS classification dataset (ArrayRecord): train + val from `split`,
+    test from `test_split`; sizes as folder_probe_eval."""
+    return _real_eval(
+        'linear_probe',
+        'tfds',
+        batch_size=batch_size,
+        tfds_name=tfds_name,
+        split=split,
+        test_split=test_split,
+        data_dir=data_dir,
+        image_key=image_key,
+        label_key=label_key,
+        num_train=num_train,
+        num_val=num_val,
+        num_test=num_test,
+        feature=feature,
+        lambdas=PROBE_LAMBDAS,
     )

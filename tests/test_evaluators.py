@@ -294,7 +294,11 @@ def test_build_evaluators_from_the_tiny_clip_config():
         build_evaluators(clip.get_config('tiny'), ['zero'])
     config = clip.get_config('tiny')
     config.evals.dense_zeroshot.source = 'folder'
-    with pytest.raises(NotImplementedError, match='Pillow'):
+    with pytest.raises(
+        ValueError,
+        match="evals.dense_zeroshot.source: unknown source 'folder' for a dense_zeroshot "
+        'evaluator; valid: shapes, ade20k, voc',
+    ):
         build_evaluators(config)
 
 
@@ -391,12 +395,16 @@ def test_evaluator_options_run(tiny_model, base, options, metrics):
 
 
 def test_zeroshot_on_an_image_folder(tiny_model, tmp_path):
+    """JPEG / PNG class folders on the real tiny model (known answers: tests/test_eval_data.py)."""
+    from PIL import Image
+
     config, mesh, model = tiny_model
     rng = np.random.default_rng(7)
     for name in ('red_thing', 'blue_thing'):
         os.makedirs(tmp_path / name)
-        for i, shape in enumerate([(40, 50, 3), (32, 32, 3), (20, 30)]):  # cropped and resized
-            np.save(tmp_path / name / f'{i}.npy', rng.integers(0, 256, shape).astype(np.uint8))
+        for i, (shape, ext) in enumerate([((40, 50, 3), 'jpg'), ((32, 32), 'png')]):
+            image = Image.fromarray(rng.integers(0, 256, shape).astype(np.uint8))
+            image.save(tmp_path / name / f'{i}.{ext}')  # (32, 32): greyscale, read as RGB
     config = config.copy_and_resolve_references()
     section = config.evals.zeroshot.copy_and_resolve_references()
     section.update(source='folder', root=str(tmp_path), templates=('a photo of a {}.',))
@@ -406,14 +414,9 @@ def test_zeroshot_on_an_image_folder(tiny_model, tmp_path):
     with jax.set_mesh(mesh):
         out = dict(ev.run(model))
     assert set(out) == {'folder/top1'} and 0 <= out['folder/top1'] <= 1  # 2 classes: no top-5
-    images, labels, names = zs.load_image_folder(str(tmp_path), 32)
-    assert images.shape == (6, 32, 32, 3) and names == ('blue thing', 'red thing')
-    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
-    (tmp_path / 'red_thing' / 'x.jpg').write_bytes(b'')
-    with pytest.raises(NotImplementedError, match='Pillow'):
-        zs.load_image_folder(str(tmp_path), 32)
-    square = np.arange(4 * 6).reshape(4, 6)[..., None].repeat(3, -1)
-    assert zs.fit_square(square, 2)[..., 0].tolist() == [[1, 3], [13, 15]]  # centre 4x4, every 2nd
+    images, labels, names = common.classification_data(ev.config)
+    assert images.shape == (4, 32, 32, 3) and images[:4].shape == (4, 32, 32, 3)
+    assert names == ('blue thing', 'red thing') and labels.tolist() == [0, 0, 1, 1]
 
 
 MESH_SCRIPT = """

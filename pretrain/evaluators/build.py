@@ -6,6 +6,16 @@
 Each `config.evals.<name>` section names its `kind`; `image_size`, `context_length` and
 `max_objects` left at None take the training values (config.input), so a run overridden to
 another resolution or context evaluates at that one too.
+
+And its `source`: 'shapes' (the held-out split, the default) or real data, per kind:
+    zeroshot        folder | tfds
+    linear_probe    folder | tfds (train split: train + val; test split: test)
+    retrieval       coco | flickr
+    dense_zeroshot  ade20k | voc
+configs/common.py has a helper per real source (folder_zeroshot_eval, coco_retrieval_eval,
+ade20k_eval, ...) and configs/eval_real.py puts them on any training config. A real source
+is opened here, so a missing root, an empty folder or an unknown source fails at build time
+in one line naming the section; its images are read at the first run.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import time
 
 from ml_collections import ConfigDict
 
+from pretrain.evaluators import common
 from pretrain.evaluators.dense_zeroshot import DenseZeroShot
 from pretrain.evaluators.linear_probe import LinearProbe
 from pretrain.evaluators.retrieval import Retrieval
@@ -26,6 +37,8 @@ KINDS = {
     'dense_zeroshot': DenseZeroShot,
 }
 INHERITED = ('image_size', 'context_length', 'max_objects')  # None -> config.input's value
+# Prompts and captions must be tokenized as the model was trained: always the input's.
+TOKENIZER_KEYS = ('tokenizer', 'tokenizer_path')
 
 
 def resolve_section(section, config) -> ConfigDict:
@@ -33,7 +46,29 @@ def resolve_section(section, config) -> ConfigDict:
     for key in INHERITED:
         if key in section and section[key] is None:
             section[key] = config.input[key]
+    for key in TOKENIZER_KEYS:
+        if key not in section and key in config.input:
+            section[key] = config.input[key]
     return section
+
+
+def check_source(kind: str, section, name: str) -> None:
+    """A known source for this kind, and, for real data, one that opens and is not empty."""
+    source = section.get('source', 'shapes')
+    valid = ('shapes', *common.REAL_SOURCES.get(kind, ()))
+    if source not in valid:
+        raise ValueError(
+            f"evals.{name}.source: unknown source '{source}' for a {kind} evaluator; valid: "
+            f"{', '.join(valid)}"
+        )
+    if source != 'shapes':
+        try:
+            source = common.open_source(section)
+            if kind == 'linear_probe':
+                test = common.open_source(common.test_split_section(section))
+                common.check_probe(section, source, test)
+        except ValueError as e:
+            raise ValueError(f'evals.{name}: {e}') from None
 
 
 def build_evaluators(config, names=None) -> list:
@@ -55,7 +90,9 @@ def build_evaluators(config, names=None) -> list:
             raise ValueError(
                 f"evals.{name}.kind: unknown evaluator kind '{kind}'; valid: " f"{', '.join(KINDS)}"
             )
-        out.append(KINDS[kind](resolve_section(section, config), name=name))
+        section = resolve_section(section, config)
+        check_source(kind, section, name)
+        out.append(KINDS[kind](section, name=name))
     return out
 
 

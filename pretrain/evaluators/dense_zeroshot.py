@@ -21,7 +21,11 @@ Every readout then goes through the ViT's final LayerNorm and `model.image_proj`
 Background rule (`background`):
   'prompt'     a patch is background if one of `background_prompts` beats every class;
   'threshold'  a patch is background if its best class similarity is below `threshold`.
-Labels: 0 background, 1 + class, as the shapes `seg` field.
+Labels: 0 background, 1 + class, as the shapes `seg` field; ground-truth pixels labelled
+`num_labels` or more (IGNORE = 255: VOC's borders, ADE20K's "other") are not scored.
+Sources: shapes (its 48 classes), 'ade20k' and 'voc' layouts (common.segmentation_data:
+image and label map centre-cropped with one geometry; ADE20K has no background class, so
+its config turns the background rule off with a threshold below any similarity).
 
 Metrics: `miou` (pixels, over the classes present in the ground truth or the prediction,
 background included if `include_background`), `patch_acc` (label of a patch vs its
@@ -40,7 +44,6 @@ from input_pipeline.sources import shapes
 from pretrain.evaluators import common
 from pretrain.evaluators.zeroshot import class_embeddings, encode_texts
 from pretrain.models.towers import l2_normalize
-from pretrain.models.vit import interpolate_posemb
 
 READOUTS = ('tokens', 'value', 'value_residual')
 BACKGROUNDS = ('prompt', 'threshold')
@@ -56,11 +59,7 @@ def tokens_before_last_block(vit, images):
     Rebuilt from the module's pieces, exactly as VisionTransformer.__call__ runs them (the
     test checks that the last block + final LN give back aux['img/tokens']).
     """
-    patches, grid = vit.patchify(images)
-    x = vit.embed(patches) + interpolate_posemb(vit.pos[...], grid).astype(vit.dtype)
-    if vit.cls is not None:
-        cls = jnp.broadcast_to(vit.cls[...].astype(vit.dtype), (x.shape[0], 1, x.shape[-1]))
-        x = jnp.concatenate([cls, x], axis=1)
+    x, _ = vit.embed_tokens(images)  # patches + positions + CLS (+ CLIP's ln_pre)
     for block in vit.encoder.blocks[:-1]:
         x = block(x)
     return x
@@ -104,13 +103,17 @@ def patch_labels(feat_bnd, class_emb_cd, bg_emb_kd, *, background: str, threshol
 
 
 def patch_majority(seg_bhw: np.ndarray, patch: int, num_labels: int) -> np.ndarray:
-    """(B, H/p, W/p): the most frequent label of each patch (the lowest on ties)."""
+    """(B, H/p, W/p): the most frequent scored label of each patch (the lowest on ties);
+    `num_labels` for a patch with no scored pixel."""
     b, h, w = seg_bhw.shape
     gh, gw = h // patch, w // patch
     blocks = seg_bhw.reshape(b, gh, patch, gw, patch).transpose(0, 1, 3, 2, 4)
-    idx = np.arange(b * gh * gw)[:, None] * num_labels + blocks.reshape(-1, patch * patch)
-    counts = np.bincount(idx.ravel(), minlength=b * gh * gw * num_labels)
-    return counts.reshape(b, gh, gw, num_labels).argmax(-1)
+    blocks = np.minimum(blocks.reshape(-1, patch * patch), num_labels)  # ignored: one bin
+    bins = num_labels + 1
+    idx = np.arange(b * gh * gw)[:, None] * bins + blocks
+    counts = np.bincount(idx.ravel(), minlength=b * gh * gw * bins).reshape(b, gh, gw, bins)
+    scored = counts[..., :num_labels]
+    return np.where(scored.any(-1), scored.argmax(-1), num_labels)
 
 
 def upsample(labels_bgg: np.ndarray, patch: int) -> np.ndarray:
@@ -119,8 +122,10 @@ def upsample(labels_bgg: np.ndarray, patch: int) -> np.ndarray:
 
 
 def confusion(gt, pred, num_labels: int) -> np.ndarray:
-    """(L, L) counts, rows ground truth, columns prediction."""
-    idx = np.asarray(gt, np.int64).ravel() * num_labels + np.asarray(pred, np.int64).ravel()
+    """(L, L) counts, rows ground truth, columns prediction; gt >= L (ignored) not counted."""
+    gt, pred = np.asarray(gt, np.int64).ravel(), np.asarray(pred, np.int64).ravel()
+    scored = gt < num_labels
+    idx = gt[scored] * num_labels + pred[scored]
     return np.bincount(idx, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
 
 
@@ -146,10 +151,11 @@ class SegmentationScore:
     def update(self, labels_bgg, seg_bhw, obj_labels_bgg=None):
         majority = patch_majority(seg_bhw, self.patch, self.num_labels)
         self.conf += confusion(seg_bhw, upsample(labels_bgg, self.patch), self.num_labels)
-        self.patches += majority.size
-        self.patches_right += int((labels_bgg == majority).sum())
+        scored = majority < self.num_labels
+        self.patches += int(scored.sum())
+        self.patches_right += int((labels_bgg == majority)[scored].sum())
         if obj_labels_bgg is not None:
-            on_object = majority > 0
+            on_object = (majority > 0) & scored
             self.objects += int(on_object.sum())
             self.objects_right += int((obj_labels_bgg == majority)[on_object].sum())
 
@@ -179,12 +185,6 @@ class DenseZeroShot:
 
     def __init__(self, config, *, name: str = 'dense_zeroshot'):
         self.config, self.name = config, name
-        if config.source == 'folder':
-            raise NotImplementedError(
-                f'evals.{name}: ADE20K / Pascal-VOC folder layouts (image + label PNG + class '
-                'list) need a PNG decoder (Pillow), not a dependency yet; they arrive with the '
-                "input pipeline's ade20k source. Use source='shapes'."
-            )
         if config.readout not in READOUTS:
             raise ValueError(
                 f"evals.{name}.readout '{config.readout}'; valid: " f"{', '.join(READOUTS)}"
@@ -209,13 +209,20 @@ class DenseZeroShot:
 
     def _load(self):
         c = self.config
-        rec = common.shapes_records(c, start=c.start, num=c.num_examples, fields=['image', 'seg'])
+        if c.source == 'shapes':
+            rec = common.shapes_records(
+                c, start=c.start, num=c.num_examples, fields=['image', 'seg']
+            )
+            images, segs, names = rec['image'], rec['seg'], tuple(shapes.class_names())
+        else:
+            images, segs, names = common.segmentation_data(c)
         tokenizer = pipeline.make_tokenizer(c)
-        classes = common.Prompts(tuple(shapes.class_names()), tuple(c.templates))
+        classes = common.Prompts(names, tuple(c.templates))
         bg_texts = list(c.background_prompts) or ['background.']  # unused by 'threshold'
         return (
-            rec['image'],
-            rec['seg'],
+            images,
+            segs,
+            len(names),
             common.trim_padding(tokenizer(classes.texts())),
             common.trim_padding(tokenizer(bg_texts)),
         )
@@ -223,10 +230,10 @@ class DenseZeroShot:
     def run(self, model):
         if self._data is None:
             self._data = self._load()
-        images, segs, class_tokens, bg_tokens = self._data
-        num_labels = 1 + shapes.NUM_CLASSES
+        images, segs, num_classes, class_tokens, bg_tokens = self._data
+        num_labels = 1 + num_classes
         patch = model.image.patch
-        class_emb = class_embeddings(self._texts, model, class_tokens, shapes.NUM_CLASSES)
+        class_emb = class_embeddings(self._texts, model, class_tokens, num_classes)
         bg_emb = self._texts(model, [bg_tokens])
         score = SegmentationScore(
             num_labels, patch, include_background=self.config.include_background

@@ -7,7 +7,9 @@ The chosen model is refit on train + validation and scored on the test split.
 
 The strength is relative, lambda * mean eigenvalue of the covariance, so one grid fits
 features of any scale (pooled tokens or unit-norm embeddings).
-Train / val / test are consecutive, disjoint index ranges of the shapes eval split.
+Train / val / test are consecutive, disjoint index ranges of the shapes eval split; on
+real data ('folder' / 'tfds', common.probe_data) train and val come from the train split
+and test from the test split.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class LinearProbe:
             raise ValueError(
                 f"evals.{name}.feature '{config.feature}'; valid: " f"{', '.join(FEATURES)}"
             )
-        if config.label not in LABELS:
+        if config.source == 'shapes' and config.label not in LABELS:
             raise ValueError(f"evals.{name}.label '{config.label}'; valid: {', '.join(LABELS)}")
         pooled = config.feature == 'pooled'
 
@@ -99,18 +101,18 @@ class LinearProbe:
 
     def _load(self):
         c = self.config
+        if c.source != 'shapes':
+            return common.probe_data(c)
         sizes = (c.num_train, c.num_val, c.num_test)
         rec = common.shapes_records(c, start=c.start, num=sum(sizes), fields=['image', c.label])
-        return rec['image'], rec[c.label], np.cumsum(sizes)[:2]
+        return rec['image'], rec[c.label], np.cumsum(sizes)[:2], LABELS[c.label]
 
     def run(self, model):
         if self._data is None:
             self._data = self._load()
-        images, labels, cuts = self._data
+        images, labels, cuts, num_classes = self._data
         feats = self._features(model, [images])
         splits = [tuple(np.split(a, cuts)[i] for a in (feats, labels)) for i in range(3)]
-        out = ridge_probe(
-            *splits, num_classes=LABELS[self.config.label], lambdas=self.config.lambdas
-        )
+        out = ridge_probe(*splits, num_classes=num_classes, lambdas=self.config.lambdas)
         for key, value in out.items():
             yield f'{self.name}/{key}', value

@@ -6,7 +6,9 @@ Similarities are computed in chunks of `chunk_size` queries, so memory is chunk 
 N x N (5k COCO images x 25k captions would be 0.5 GB in float32).
 
 Shapes default: held-out images, one caption each from `caption_fields` (the accurate
-`caption`; add 'alt_text' for two per image).
+`caption`; add 'alt_text' for two per image). Real data: source 'coco' (captions_val2017.json
+layout) or 'flickr' (Karpathy split JSON or Flickr token file), every caption of every image
+(common.caption_data).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class Retrieval:
 
     def __init__(self, config, *, name: str = 'retrieval'):
         self.config, self.name = config, name
-        if not config.caption_fields:
+        if config.source == 'shapes' and not config.caption_fields:
             raise ValueError(f'evals.{name}.caption_fields is empty')
         self._images = common.Predictor(encode_images, batch_size=config.batch_size)
         self._texts = common.Predictor(encode_texts, batch_size=config.batch_size)
@@ -72,6 +74,9 @@ class Retrieval:
 
     def _load(self):
         c = self.config
+        if c.source != 'shapes':
+            images, captions, txt_image = common.caption_data(c)
+            return images, common.trim_padding(pipeline.make_tokenizer(c)(captions)), txt_image
         fields = list(c.caption_fields)
         rec = common.shapes_records(c, start=c.start, num=c.num_examples, fields=['image', *fields])
         captions = [rec[f][i] for i in range(c.num_examples) for f in fields]  # image-major

@@ -6,16 +6,15 @@ Sources:
           classes against `label`, the largest object), 'shape' (6, `shape_label`) and
           'colour' (8, `colour_label`). Colour and shape are learnt at very different speeds
           (DESIGN.md), so they are reported apart.
-  folder  an ImageFolder layout, root/<class name>/<image>; the class name is the folder
-          name with '_' read as a space. Images are .npy arrays (H, W, 3) uint8 for now:
-          Pillow is not a dependency yet, so JPEG/PNG decoding arrives with the input
-          pipeline's folder source. Each image is centre-cropped to a square and resized
-          to `image_size` by nearest-neighbour sampling.
+  folder  an ImageFolder layout, root/<class name>/<image> (JPEG, PNG, ...); the class name
+          is the folder name with '_' read as a space, or `classnames`.
+  tfds    a TFDS classification dataset (`tfds_name`, `split`, `data_dir`; ArrayRecord);
+          class names from its label feature, or `classnames`.
+Real images are decoded batch by batch, resized (short side) and centre-cropped
+(common.classification_data).
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 
@@ -30,7 +29,6 @@ SHAPES_TASKS = {
     # Long captions call objects "shape", "object" or "figure"; a bare colour is no object.
     'colour': ('colour_label', tuple(f'{c} shape' for c in shapes.COLOURS)),
 }
-IMAGE_EXTENSIONS = ('.npy',)
 
 
 def topk_accuracy(scores_nc: np.ndarray, labels_n: np.ndarray, k: int) -> float:
@@ -64,40 +62,6 @@ def class_embeddings(
     return z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-6)
 
 
-def fit_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Centre crop to a square, then nearest-neighbour resize to size x size."""
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    h, w = image.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    idx = np.arange(size) * side // size
-    return image[top + idx[:, None], left + idx[None, :], :3].astype(np.uint8)
-
-
-def load_image_folder(root: str, image_size: int) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """(images (N, S, S, 3) uint8, labels (N,), class names) of root/<class>/<image>."""
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not classes:
-        raise ValueError(f"image folder '{root}' has no class sub-folders")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        folder = os.path.join(root, name)
-        for fname in sorted(os.listdir(folder)):
-            ext = os.path.splitext(fname)[1].lower()
-            if ext not in IMAGE_EXTENSIONS:
-                raise NotImplementedError(
-                    f"'{os.path.join(folder, fname)}': only {', '.join(IMAGE_EXTENSIONS)} "
-                    'images are read until an image decoder (Pillow) is a dependency; it '
-                    "arrives with the input pipeline's folder source. Convert to .npy for now."
-                )
-            images.append(fit_square(np.load(os.path.join(folder, fname)), image_size))
-            labels.append(label)
-    if not images:
-        raise ValueError(f"image folder '{root}' has no images")
-    return np.stack(images), np.asarray(labels), tuple(c.replace('_', ' ') for c in classes)
-
-
 class ZeroShot:
     """Yields `<name>/top1`, `<name>/top5` ('class' or folder classes) and, for shapes,
     `<name>/shape_top1`, `<name>/colour_top1`. Top-k is reported for k = 1 and any k up to
@@ -106,10 +70,7 @@ class ZeroShot:
 
     def __init__(self, config, *, name: str = 'zeroshot'):
         self.config, self.name = config, name
-        if config.source == 'folder':
-            if not os.path.isdir(config.root):
-                raise ValueError(f"evals.{name}.root '{config.root}' is not a directory")
-        else:
+        if config.source == 'shapes':
             unknown = sorted(set(config.tasks) - set(SHAPES_TASKS))
             if unknown:
                 raise ValueError(
@@ -121,8 +82,8 @@ class ZeroShot:
 
     def _load(self):
         c = self.config
-        if c.source == 'folder':
-            images, labels, names = load_image_folder(c.root, c.image_size)
+        if c.source != 'shapes':
+            images, labels, names = common.classification_data(c)
             tasks = {'class': (labels, names)}
         else:
             fields = [SHAPES_TASKS[t][0] for t in c.tasks]
