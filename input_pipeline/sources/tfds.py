@@ -114,8 +114,9 @@ class TfdsSource:
         for part in reversed(image_parts):
             decoders = {part: decoders}
         try:
+            # download=False: no network at run time; an unprepared dataset is an error here.
             self._data = tfds.data_source(
-                name, split=split, data_dir=data_dir or None, decoders=decoders
+                name, split=split, data_dir=data_dir or None, decoders=decoders, download=False
             )
         except Exception as e:
             raise ValueError(
