@@ -223,6 +223,7 @@ def shapes_input(
             epoch_size=1_000_000,
             num_threads=2,
             prefetch=2,
+            num_workers=0,  # > 0: batches built in that many processes (-1: one per core)
             device_prefetch=2,  # batches placed on the mesh ahead of the step; 0 = off
             views=views_options(),  # extra views, built only when an objective asks
             max_bad_fraction=0.01,
@@ -349,6 +350,7 @@ def real_input(
             flip=flip,
             num_threads=num_threads,
             prefetch=prefetch,
+            num_workers=0,  # > 0: batches built in that many processes (-1: one per core)
             device_prefetch=2,  # batches placed on the mesh ahead of the step; 0 = off
             views=views_options(),  # extra views, built only when an objective asks
             max_bad_fraction=max_bad_fraction,

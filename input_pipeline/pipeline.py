@@ -20,18 +20,35 @@ Caption fields of the batch (built only when an objective asks for them):
                `input.subcaption_field` sampled per example per epoch (DreamLIP).
   texts_valid  (B, num_subcaptions) bool: False for padding rows (a caption with no
                sentence, or fewer than K with `subcaption_fill='pad'`).
+
+View fields (input_pipeline/views.py; built only when an objective asks for them, with the
+options of `input.views`, configs/common.py:views_options):
+  view1, view2      (B, S, S, 3) uint8: two random resized crops of the original image
+                    (S = views.size, 0: input.image_size), each flipped with views.flip_p;
+  coords1, coords2  (B, 4) float32: (y0, x0, y1, x1) of each view in original pixels;
+  flip1, flip2      (B,) bool: whether that view was flipped (PixPro, pixel contrast).
+  rot_image         (B, H, W, 3) uint8 `image` turned rot_label x 90 degrees, rot_label (B,)
+                    int32 (views.rotations='random'); 'all': (B, 4, H, W, 3) and (B, 4).
+  mask              (B, H/p, W/p) bool block-wise patch mask (BEiT) of views.mask_ratio,
+                    p = views.mask_patch_size (must be the model's patch size).
+The two views are cut from the record's image as read (encoded bytes for real data), so
+they see the whole original image, not the training crop; rotations and the mask go with
+the training `image` (image_size, after decode + crop).
 """
 
 from __future__ import annotations
 
 from input_pipeline import captions
 from input_pipeline import loader as loader_lib
-from input_pipeline import tokenizers, transforms
+from input_pipeline import tokenizers, transforms, views
 from input_pipeline.sources import array_record, coco, folder, mixture, shapes, tfds, webdataset
 
 # Batch fields this pipeline can build, beyond the caption fields below.
 RECORD_FIELDS = ('image', 'label', 'shape_label', 'seg', 'instance', 'boxes', 'depth', 'id')
 CAPTION_FIELDS = ('text', 'texts', 'texts_valid')
+TWO_VIEW_FIELDS = ('view1', 'view2', 'coords1', 'coords2', 'flip1', 'flip2')
+ROTATION_FIELDS = ('rot_image', 'rot_label')
+VIEW_FIELDS = TWO_VIEW_FIELDS + ROTATION_FIELDS + ('mask',)
 
 # `input` keys added after configs were first written; configs without them (e.g. a
 # config.json of an older run) get the behaviour they had.
@@ -154,17 +171,78 @@ def caption_source_fields(input_config, fields) -> list[str]:
     return list(dict.fromkeys(needed))
 
 
+def _views_options(input_config):
+    options = input_config.get('views')
+    if options is None:
+        raise ValueError(
+            'objectives ask for view fields but the config has no input.views; '
+            'add views=common.views_options() to its input section'
+        )
+    return options
+
+
+def view_transforms(input_config, fields) -> tuple[list, list]:
+    """(steps before the image decode, steps after it) that build the view fields asked for."""
+    fields = set(fields)
+    before, after = [], []
+    if not fields & set(VIEW_FIELDS):
+        return before, after
+    options = _views_options(input_config)
+    if fields & set(TWO_VIEW_FIELDS):
+        jitter = tuple(options.colour_jitter)  # (brightness, contrast, saturation)
+        before.append(
+            views.TwoViews(
+                size=options.size or input_config.image_size,
+                scale=tuple(options.scale),
+                ratio=tuple(options.ratio),
+                flip_p=options.flip_p,
+                colour_jitter=(
+                    transforms.ColourJitter(*jitter, p=options.colour_jitter_p)
+                    if any(jitter)
+                    else None
+                ),
+            )
+        )
+    if fields & set(ROTATION_FIELDS):
+        rotations = {'random': views.RandomRotation, 'all': views.AllRotations}
+        if options.rotations not in rotations:
+            raise ValueError(
+                f"input.views.rotations '{options.rotations}' is not one of: random, all"
+            )
+        after.append(rotations[options.rotations]())
+    if 'mask' in fields:
+        patch, size = options.mask_patch_size, input_config.image_size
+        if patch < 1 or size % patch:
+            raise ValueError(
+                f'input.views.mask_patch_size {patch} does not divide input.image_size {size}'
+            )
+        after.append(
+            views.BlockMask(
+                grid=(size // patch, size // patch),
+                ratio=options.mask_ratio,
+                min_block=options.mask_min_block,
+                min_aspect=options.mask_min_aspect,
+            )
+        )
+    return before, after
+
+
 def record_transforms(input_config, fields) -> list:
-    """Builds `text` / `texts` / `texts_valid` as asked, then keeps only `fields`."""
-    unknown = sorted(set(fields) - set(RECORD_FIELDS) - set(CAPTION_FIELDS))
+    """Builds the view and caption fields as asked, then keeps only `fields`."""
+    buildable = RECORD_FIELDS + CAPTION_FIELDS + VIEW_FIELDS
+    unknown = sorted(set(fields) - set(buildable))
     if unknown:
         raise ValueError(
             f'objectives ask for batch fields {unknown} that input '
-            f"'{input_config.source}' cannot build; it builds: "
-            f"{', '.join(RECORD_FIELDS + CAPTION_FIELDS)}"
+            f"'{input_config.source}' cannot build; it builds: {', '.join(buildable)}"
         )
-    # Extra views (views.py) read record['image'] before these replace it with the crop.
-    steps = image_transforms(input_config) if 'image' in fields else []
+    # TwoViews reads record['image'] as read (encoded bytes for real data), so it runs
+    # before the decode + crop replaces it; rotations and the mask follow the crop.
+    before, after = view_transforms(input_config, fields)
+    steps = list(before)
+    if {'image', 'rot_image'} & set(fields):
+        steps += image_transforms(input_config)
+    steps += after
     if 'text' in fields and input_config.source == 'coco':
         # Five captions an image: `caption` is redrawn among them every epoch.
         steps.append(coco.SampleCaption())
@@ -239,12 +317,26 @@ def check_vocab_size(config, tokenizer) -> None:
         )
 
 
+def check_mask_patch_size(config, fields) -> None:
+    """The MIM mask has one cell per patch of the image tower."""
+    model = config.get('model')
+    image = model.get('image') if model else None
+    if 'mask' in fields and image is not None:
+        mine = config.input.views.mask_patch_size
+        if mine != image.patch:
+            raise ValueError(
+                f'input.views.mask_patch_size {mine} != model.image.patch {image.patch}; set '
+                f'--config.input.views.mask_patch_size={image.patch}'
+            )
+
+
 def train_loader(config, *, fields, process_index: int = 0, process_count: int = 1):
     """This process's loader of the configured data; InputError names a bad path or field."""
     inp = config.input
     try:
         steps = record_transforms(inp, fields)  # validates fields and probabilities first
         check_vocab_size(config, make_tokenizer(inp))
+        check_mask_patch_size(config, fields)
         source = make_source(inp, split='train', seed=config.seed)
         check_record_fields(source, caption_source_fields(inp, fields), source_name=inp.source)
     except ValueError as e:
@@ -258,5 +350,6 @@ def train_loader(config, *, fields, process_index: int = 0, process_count: int =
         process_count=process_count,
         num_threads=inp.num_threads,
         prefetch=inp.prefetch,
+        num_workers=inp.get('num_workers', 0),
         max_bad_fraction=inp.max_bad_fraction,
     )

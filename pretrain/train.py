@@ -20,6 +20,7 @@ from flax import nnx
 
 from input_pipeline import pipeline
 from pretrain import checkpoint, flops, metrics as metrics_lib, optim, sharding, step as step_lib
+from pretrain import weights
 from pretrain.evaluators import build_evaluators, run_evaluators
 from pretrain.models.towers import ImageTextModel
 from pretrain.objectives import compose
@@ -114,6 +115,7 @@ def run(config, workdir: str) -> dict:
             log.info('resumed from step %d (%s)', start, ckpt.directory)
         else:
             graphdef, state, shardings = init_train_state(config, mesh)
+            state = weights.maybe_load_init(config, state, shardings)  # config.init, if set
         last_good = start or None
         train_step = step_lib.jit_train_step(config, graphdef, objective, shardings, mesh)
 
@@ -134,13 +136,14 @@ def run(config, workdir: str) -> dict:
         def log_metrics(step):
             row = {f'train/{k}': v for k, v in last_metrics.items()}
             row.update(throughput(step))
-            row['data/skipped'] = loader.skipped
+            row['data/skipped'] = data.skipped
             bar.set_postfix(loss=f"{row['train/loss']:.4f}", refresh=False)
             return row
 
         def save(step):
             nonlocal last_good
-            ckpt.save(step, state, loader.get_state(), config_json, force=True)
+            # The prefetcher's state counts the batches consumed, not those placed ahead.
+            ckpt.save(step, state, data.get_state(), config_json, force=True)
             last_good = step
 
         evaluators = build_evaluators(config)  # cheap: eval data loads at the first eval
@@ -159,15 +162,18 @@ def run(config, workdir: str) -> dict:
         p0, pn = config.profile.start_step, config.profile.num_steps
         profiling, tracing = is_main and p0 > 0, False
 
-        data_iter = iter(loader)
+        agreement = checkpoint.StopAgreement(stop, mesh)
+        # Places the next batches on the mesh while the step runs; 0 = when asked for.
+        data = sharding.MeshPrefetcher(loader, mesh, size=config.input.get('device_prefetch', 2))
         pending = None  # device metrics of the previous step, checked one step late
         t_start, status, step = time.perf_counter(), 'completed', start
         for step in range(start + 1, total + 1):
             if profiling and step == p0:
                 jax.profiler.start_trace(os.path.join(workdir, 'profile'))
                 tracing = True
-            batch = sharding.global_batch(next(data_iter), mesh)
+            batch = next(data)
             state, device_metrics = train_step(state, batch)
+            stopping = agreement.poll()  # the same answer on every process
             if tracing and step == p0 + pn:
                 jax.profiler.stop_trace()
                 tracing = False
@@ -182,7 +188,7 @@ def run(config, workdir: str) -> dict:
             pending = (step, device_metrics)
             bar.update(1)
             due = [h for h in hooks if h.due(step, total)]
-            if due or stop.received:
+            if due or stopping:
                 _check(*pending, last_good, ckpt)
                 last_metrics = jax.device_get(device_metrics)
                 pending = None
@@ -191,10 +197,10 @@ def run(config, workdir: str) -> dict:
                     row.update(hook.fn(step) or {})
                 if row:  # one metrics row per step, whichever hooks ran
                     writer.write(step, row)
-            if stop.received:
+            if stopping:
                 if not any(h.name == 'checkpoint' for h in due):
                     save(step)
-                status = f'stopped by signal {stop.received}'
+                status = f'stopped by signal {stopping}'
                 break
         if pending is not None:
             _check(*pending, last_good, ckpt)
@@ -202,6 +208,7 @@ def run(config, workdir: str) -> dict:
             jax.profiler.stop_trace()
         bar.close()
 
+    data.close()
     loader.close()
     ckpt.close()
     writer.close()

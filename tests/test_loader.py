@@ -161,3 +161,36 @@ def test_transforms_eagerly():
         transforms.SelectFields(["nope"])(record)
     with pytest.raises(ValueError, match="caption"):
         transforms.Tokenize("caption", ByteTokenizer(8))({"caption": ""})
+
+
+def test_worker_processes_give_the_same_stream_state_and_bad_counts():
+    # Two spawned workers build alternate batches; the stream crosses an epoch boundary,
+    # holds bad records, and resumes from a state taken mid-stream.
+    bad, k = {5, 6, 30}, 4
+    plain = _loader(_BlankCaptions(bad), max_bad_fraction=0.1)
+    want = _take(plain, 2 * (N // B))
+    with _loader(_BlankCaptions(bad), max_bad_fraction=0.1, num_workers=2) as workers:
+        got = _take(workers, k)
+        state = workers.get_state()
+        _assert_batches_equal(got, want[:k])
+        assert (workers.skipped, workers.seen) == _counts_after(bad, k)
+        workers.set_state(state)  # restarts the workers at batch k
+        _assert_batches_equal(_take(workers, len(want) - k), want[k:])
+        assert (workers.skipped, workers.seen) == (plain.skipped, plain.seen)
+    assert plain.skipped > 0
+
+
+def _counts_after(bad, k):
+    loader = _loader(_BlankCaptions(bad), max_bad_fraction=0.1)
+    _take(loader, k)
+    return loader.skipped, loader.seen
+
+
+def test_worker_errors_reach_the_trainer_and_bad_worker_counts_are_refused():
+    loader = _loader(_BlankCaptions(range(N)), max_bad_fraction=0.5, num_workers=1)
+    with pytest.raises(Exception, match="consecutive bad records"):
+        next(loader)
+    loader.close()
+    with pytest.raises(ValueError, match="num_workers must be >= 0 or -1"):
+        _loader(num_workers=-2)
+    assert _loader(num_workers=-1).num_workers >= 1
