@@ -1,13 +1,20 @@
-"""Runs the configured evaluators on a checkpoint of a training workdir.
+"""Runs the configured evaluators on a checkpoint of a training workdir, or on an export.
 
-    python -m pretrain.evaluate --config configs/clip.py --workdir /tmp/clip
-    python -m pretrain.evaluate --config configs/clip.py --workdir DIR --step 200 \\
-        --only zeroshot,retrieval --config.evals.zeroshot.num_examples=2048
+    python -m pretrain.evaluate --workdir /tmp/clip
+    python -m pretrain.evaluate --workdir DIR --step 200 --only zeroshot,retrieval \\
+        --config.evals.zeroshot.num_examples=2048
+    python -m pretrain.evaluate --weights /tmp/clip_export --config configs/clip.py
+    python -m pretrain.evaluate --config configs/clip.py --workdir DIR   # another config
 
 Loads the latest checkpoint (or --step), runs `config.evals` (or those named in --only),
 prints a table and appends a row {"step": N, "eval/<name>/<metric>": value, ...} to
-DIR/metrics.jsonl and TensorBoard, next to the training metrics. Pass the same config and
-model overrides as the training run: the checkpoint is restored onto that model's shapes.
+DIR/metrics.jsonl and TensorBoard, next to the training metrics.
+
+The config is the run's own (DIR/config.json, as training resolved it, overrides included)
+unless --config names one; `--config.k=v` overrides apply on top of either. --weights DST
+evaluates a directory written by `python -m pretrain.export` instead of a checkpoint: the
+model comes from DST (its own config), the evaluators from --config or --workdir's config,
+and the row goes to --workdir's metrics if one is given, else only to the screen.
 """
 
 from __future__ import annotations
@@ -22,19 +29,54 @@ class EvalError(RuntimeError):
 
 
 def parse_args(argv):
+    import argparse
+
     from pretrain import config_cli
     from pretrain.main import add_distributed_flags
 
-    parser = config_cli.argument_parser(
-        'python -m pretrain.evaluate',
-        __doc__,
-        config_help='the training config, e.g. configs/clip.py',
+    parser = argparse.ArgumentParser(
+        prog='python -m pretrain.evaluate',
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument('--workdir', required=True, help='the training workdir (checkpoints/)')
+    parser.add_argument(
+        '--config', help="config file[:variant] (default: the workdir's config.json)"
+    )
+    parser.add_argument('--workdir', help='the training workdir (checkpoints/, config.json)')
+    parser.add_argument('--weights', help='an export directory (python -m pretrain.export)')
     parser.add_argument('--step', type=int, help='checkpoint step (default: the latest)')
     parser.add_argument('--only', help='comma-separated evaluator names (default: all)')
     add_distributed_flags(parser)
-    return config_cli.parse_args(parser, argv)
+    args, overrides = config_cli.parse_args(parser, argv)
+    if not args.workdir and not args.weights:
+        parser.error('give --workdir (a training run) or --weights (an export), or both')
+    if args.weights and args.step is not None:
+        parser.error('--step picks a checkpoint; an export has one step')
+    return args, overrides
+
+
+def resolve_config(args, overrides):
+    """--config with overrides, else the workdir's config.json with overrides (locked)."""
+    import json
+
+    from ml_collections import ConfigDict
+
+    from pretrain import config_cli
+
+    if args.config:
+        return config_cli.build_config(args.config, overrides)
+    path = os.path.join(args.workdir or '', 'config.json')
+    if args.workdir and not os.path.isdir(args.workdir):
+        raise EvalError(f"workdir '{args.workdir}' does not exist")
+    if not args.workdir or not os.path.isfile(path):
+        where = f"'{args.workdir}' has no config.json" if args.workdir else 'no --workdir'
+        raise EvalError(f'{where}: pass --config (the training config) to say what to evaluate')
+    with open(path) as f:
+        config = ConfigDict(json.load(f))
+    config.lock()
+    for key, value in overrides:
+        config_cli.apply_override(config, key, value)
+    return config
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -81,19 +123,43 @@ def format_table(step: int, row: dict) -> str:
     return '\n'.join(lines)
 
 
-def evaluate(config, workdir: str, *, step: int | None = None, only=None) -> dict:
-    """Runs the evaluators on checkpoint `step` (latest if None); returns the metrics row."""
+def load_weights(path: str):
+    """(model, step) of an export directory; step is the checkpoint it came from (0 if none)."""
+    import json
+
+    from pretrain import weights
+
+    try:
+        _, model = weights.load_exported(path)
+    except weights.WeightsError as e:
+        raise EvalError(str(e)) from None
+    with open(os.path.join(path, 'config.json')) as f:
+        return model, int(json.load(f).get('step', 0))
+
+
+def evaluate(
+    config,
+    workdir: str | None,
+    *,
+    step: int | None = None,
+    only=None,
+    weights: str | None = None,
+) -> dict:
+    """Runs the evaluators on checkpoint `step` (latest if None) of `workdir`, or on the
+    export `weights`; returns the metrics row (also written to `workdir`'s metrics if any)."""
     import jax
 
     from pretrain import metrics as metrics_lib, sharding
     from pretrain.evaluators import build_evaluators, run_evaluators
 
-    steps = checkpoint_steps(workdir)
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise EvalError(
-            f"no checkpoint for step {step} in '{workdir}'; have: " f"{', '.join(map(str, steps))}"
-        )
+    if weights is None:
+        steps = checkpoint_steps(workdir)
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise EvalError(
+                f"no checkpoint for step {step} in '{workdir}'; have: "
+                f"{', '.join(map(str, steps))}"
+            )
     try:
         evaluators = build_evaluators(config, only)
     except (ValueError, NotImplementedError) as e:
@@ -102,13 +168,17 @@ def evaluate(config, workdir: str, *, step: int | None = None, only=None) -> dic
         raise EvalError('no evaluators configured (config.evals is empty)')
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh):
-        model = restore_model(config, workdir, step, mesh)
+        if weights is None:
+            model = restore_model(config, workdir, step, mesh)
+        else:
+            model, step = load_weights(weights)
         row = run_evaluators(evaluators, model)
     if jax.process_index() == 0:
         print(format_table(step, row), flush=True)
-    writer = metrics_lib.MetricWriter(workdir)
-    writer.write(step, row)
-    writer.close()
+    if workdir:
+        writer = metrics_lib.MetricWriter(workdir)
+        writer.write(step, row)
+        writer.close()
     return row
 
 
@@ -119,16 +189,19 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, overrides = parse_args(argv)
-        config = config_cli.build_config(args.config, overrides)
-    except config_cli.ConfigError as e:
+        config = resolve_config(args, overrides)
+    except (config_cli.ConfigError, EvalError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(name)s: %(message)s')
     try:
-        checkpoint_steps(args.workdir)  # fail before JAX starts up
+        if args.weights is None:
+            checkpoint_steps(args.workdir)  # fail before JAX starts up
+        elif not os.path.isfile(os.path.join(args.weights, 'config.json')):
+            raise EvalError(f"'{args.weights}' is not an export: no config.json in it")
         maybe_initialize_distributed(args)
         only = [n.strip() for n in args.only.split(',') if n.strip()] if args.only else None
-        evaluate(config, args.workdir, step=args.step, only=only)
+        evaluate(config, args.workdir, step=args.step, only=only, weights=args.weights)
     except EvalError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -116,24 +116,65 @@ class Attention(nnx.Module):
         return self.out(y_bthk.reshape(b, t, d))
 
 
+def quick_gelu(x):
+    """OpenAI CLIP's sigmoid approximation of GELU."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# The MLP nonlinearities of the layouts we train or import: 'gelu_tanh' (big_vision / SigLIP,
+# HF 'gelu_pytorch_tanh'; our default), 'gelu' (exact erf form: open_clip, torch nn.GELU),
+# 'quick_gelu' (OpenAI CLIP and its HF / open_clip '-quickgelu' ports).
+ACTIVATIONS = {
+    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'quick_gelu': quick_gelu,
+}
+
+
+def activation_fn(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{name}'; valid: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
 class Mlp(nnx.Module):
 
-    def __init__(self, d: int, f: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(
+        self,
+        d: int,
+        f: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        activation: str = 'gelu_tanh',
+    ):
         self.fc1 = Dense(d, f, axes=('embed', 'mlp'), rngs=rngs, dtype=dtype)
         self.fc2 = Dense(f, d, axes=('mlp', 'embed'), rngs=rngs, dtype=dtype)
+        activation_fn(activation)  # fail at construction on a bad name
+        self.activation = activation
 
     def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
 
 
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, d: int, heads: int, mlp_ratio: float, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.ln1 = LayerNorm(d, rngs=rngs, dtype=dtype)
+    def __init__(
+        self,
+        d: int,
+        heads: int,
+        mlp_ratio: float,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        activation: str = 'gelu_tanh',
+        ln_eps: float = 1e-6,
+    ):
+        self.ln1 = LayerNorm(d, rngs=rngs, dtype=dtype, eps=ln_eps)
         self.attn = Attention(d, heads, rngs=rngs, dtype=dtype)
-        self.ln2 = LayerNorm(d, rngs=rngs, dtype=dtype)
-        self.mlp = Mlp(d, int(d * mlp_ratio), rngs=rngs, dtype=dtype)
+        self.ln2 = LayerNorm(d, rngs=rngs, dtype=dtype, eps=ln_eps)
+        self.mlp = Mlp(d, int(d * mlp_ratio), rngs=rngs, dtype=dtype, activation=activation)
 
     def __call__(self, x, *, mask=None, is_causal: bool = False):
         x = x + self.attn(self.ln1(x), mask=mask, is_causal=is_causal)
@@ -169,9 +210,22 @@ class Encoder(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         remat: str = 'none',
+        activation: str = 'gelu_tanh',
+        ln_eps: float = 1e-6,
     ):
         self.blocks = nnx.List(
-            [Block(d, heads, mlp_ratio, rngs=rngs, dtype=dtype) for _ in range(depth)]
+            [
+                Block(
+                    d,
+                    heads,
+                    mlp_ratio,
+                    rngs=rngs,
+                    dtype=dtype,
+                    activation=activation,
+                    ln_eps=ln_eps,
+                )
+                for _ in range(depth)
+            ]
         )
         self.policy = remat_policy(remat)
         self.remat = remat != 'none'

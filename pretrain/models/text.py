@@ -7,7 +7,10 @@ from flax import nnx
 
 from pretrain.models import layers
 
-POOLS = ('eos', 'mean')
+# eos: the last non-pad token; argmax: the position of the largest token id (OpenAI CLIP's
+# EOS, id 49407, is its vocabulary's largest, so open_clip and HF CLIP pool there); last: the
+# final position (big_vision / SigLIP pad with EOS, so the last token always is one); mean.
+POOLS = ('eos', 'argmax', 'last', 'mean')
 
 
 class TextTransformer(nnx.Module):
@@ -16,6 +19,10 @@ class TextTransformer(nnx.Module):
     EOS pooling reads the last real token, found as (number of non-pad tokens - 1), so it
     works for any tokenizer that ends a caption with EOS and pads after it. The context
     length is a config field: positions are not capped at CLIP's 77.
+
+    Bidirectional towers mask padding out of attention unless `mask_padding` is False:
+    SigLIP attends to its padding (it pads with EOS), so imported SigLIP towers turn it off.
+    `activation` / `ln_eps` as in the ViT.
     """
 
     def __init__(
@@ -32,11 +39,15 @@ class TextTransformer(nnx.Module):
         pad_id: int = 0,
         remat: str = 'none',
         dtype=jnp.float32,
+        mask_padding: bool = True,
+        activation: str = 'gelu_tanh',
+        ln_eps: float = 1e-6,
         rngs: nnx.Rngs,
     ):
         if pool not in POOLS:
             raise ValueError(f"unknown text pool '{pool}'; valid: {', '.join(POOLS)}")
         self.causal, self.pool, self.pad_id, self.dtype = causal, pool, pad_id, dtype
+        self.mask_padding = mask_padding
         self.context_length = context_length
         self.tok = layers.param(
             rngs, nnx.initializers.normal(0.02), (vocab_size, width), ('vocab', 'embed')
@@ -45,9 +56,17 @@ class TextTransformer(nnx.Module):
             rngs, nnx.initializers.normal(0.01), (context_length, width), (None, 'embed')
         )
         self.encoder = layers.Encoder(
-            width, depth, heads, mlp_ratio, rngs=rngs, dtype=dtype, remat=remat
+            width,
+            depth,
+            heads,
+            mlp_ratio,
+            rngs=rngs,
+            dtype=dtype,
+            remat=remat,
+            activation=activation,
+            ln_eps=ln_eps,
         )
-        self.ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype)
+        self.ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=ln_eps)
 
     def __call__(self, tokens_bl, *, train: bool = False):
         del train
@@ -59,13 +78,20 @@ class TextTransformer(nnx.Module):
         if self.causal:
             # Causal attention never looks right, so padding after EOS cannot leak in.
             x = self.encoder(x, is_causal=True)
-        else:
+        elif self.mask_padding:
             mask = valid_bl[:, None, :, None] & valid_bl[:, None, None, :]
             x = self.encoder(x, mask=mask | jnp.eye(l, dtype=bool))  # eye: pad rows stay finite
+        else:
+            x = self.encoder(x)
         x = self.ln(x)
-        if self.pool == 'eos':
-            last = jnp.maximum(valid_bl.sum(-1) - 1, 0)
+        if self.pool in ('eos', 'argmax'):
+            if self.pool == 'eos':
+                last = jnp.maximum(valid_bl.sum(-1) - 1, 0)
+            else:
+                last = jnp.argmax(tokens_bl, axis=-1)
             pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+        elif self.pool == 'last':
+            pooled = x[:, -1]
         else:
             w = valid_bl[..., None].astype(x.dtype)
             pooled = (x * w).sum(1) / jnp.maximum(w.sum(1), 1)

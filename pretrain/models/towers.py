@@ -13,11 +13,19 @@ from pretrain.models.text import TextTransformer
 from pretrain.models.vit import VisionTransformer
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+IMAGE_PROJS = ('linear', 'none')
 
 
 def l2_normalize(x, eps=1e-6):
     x = x.astype(jnp.float32)
     return x / jnp.sqrt(jnp.maximum(jnp.square(x).sum(-1, keepdims=True), eps * eps))
+
+
+class Identity(nnx.Module):
+    """`image_proj` of towers whose pooled output already is the embedding (SigLIP's MAP)."""
+
+    def __call__(self, x):
+        return x
 
 
 class ImageTextModel(nnx.Module):
@@ -27,6 +35,11 @@ class ImageTextModel(nnx.Module):
     is SigLIP's b (init -10); objectives that do not use one leave its gradient at zero.
     Encoders return `(z, aux)`, z L2-normalised float32, aux with slash keys
     ('img/tokens', 'img/pooled', ...) for evaluators and dense heads to pick from.
+
+    Knobs for imported layouts (pretrain/weights/) are read with defaults, so configs
+    written before they existed (a run's config.json) still build the same model:
+    `image_proj='none'` (SigLIP: no image projection; embed_dim must equal the image
+    width), `proj_bias` (SigLIP's text head has a bias).
     """
 
     def __init__(self, config: ConfigDict, *, rngs: nnx.Rngs):
@@ -42,6 +55,12 @@ class ImageTextModel(nnx.Module):
             pool=img.pool,
             remat=config.remat,
             dtype=dtype,
+            ln_pre=img.get('ln_pre', False),
+            patch_bias=img.get('patch_bias', True),
+            activation=img.get('activation', 'gelu_tanh'),
+            ln_eps=img.get('ln_eps', 1e-6),
+            pixel_mean=img.get('pixel_mean', None),
+            pixel_std=img.get('pixel_std', None),
             rngs=rngs,
         )
         self.text = TextTransformer(
@@ -56,21 +75,36 @@ class ImageTextModel(nnx.Module):
             pad_id=txt.pad_id,
             remat=config.remat,
             dtype=dtype,
+            mask_padding=txt.get('mask_padding', True),
+            activation=txt.get('activation', 'gelu_tanh'),
+            ln_eps=txt.get('ln_eps', 1e-6),
             rngs=rngs,
         )
-        self.image_proj = layers.Dense(
-            img.width,
-            config.embed_dim,
-            axes=('embed', None),
-            use_bias=False,
-            rngs=rngs,
-            dtype=dtype,
-        )
+        image_proj = config.get('image_proj', 'linear')
+        proj_bias = config.get('proj_bias', False)
+        if image_proj not in IMAGE_PROJS:
+            raise ValueError(f"unknown image_proj '{image_proj}'; valid: {', '.join(IMAGE_PROJS)}")
+        if image_proj == 'none':
+            if config.embed_dim != img.width:
+                raise ValueError(
+                    f"image_proj='none' needs embed_dim ({config.embed_dim}) equal to the "
+                    f'image width ({img.width})'
+                )
+            self.image_proj = Identity()
+        else:
+            self.image_proj = layers.Dense(
+                img.width,
+                config.embed_dim,
+                axes=('embed', None),
+                use_bias=proj_bias,
+                rngs=rngs,
+                dtype=dtype,
+            )
         self.text_proj = layers.Dense(
             txt.width,
             config.embed_dim,
             axes=('embed', None),
-            use_bias=False,
+            use_bias=proj_bias,
             rngs=rngs,
             dtype=dtype,
         )

@@ -29,7 +29,17 @@ def interpolate_posemb(pos_nd, grid: tuple[int, int]):
 class MapHead(nnx.Module):
     """Multihead attention pooling: one learned probe attends over the tokens (SigLIP's MAP)."""
 
-    def __init__(self, d: int, heads: int, mlp_ratio: float, *, rngs: nnx.Rngs, dtype):
+    def __init__(
+        self,
+        d: int,
+        heads: int,
+        mlp_ratio: float,
+        *,
+        rngs: nnx.Rngs,
+        dtype,
+        activation: str = 'gelu_tanh',
+        ln_eps: float = 1e-6,
+    ):
         self.probe = layers.param(
             rngs, nnx.initializers.xavier_uniform(), (1, 1, d), (None, None, 'embed')
         )
@@ -37,8 +47,8 @@ class MapHead(nnx.Module):
         self.q = layers.Dense(d, d, axes=('embed', 'heads'), rngs=rngs, dtype=dtype)
         self.kv = layers.Dense(d, 2 * d, axes=('embed', 'heads'), rngs=rngs, dtype=dtype)
         self.out = layers.Dense(d, d, axes=('heads', 'embed'), rngs=rngs, dtype=dtype)
-        self.ln = layers.LayerNorm(d, rngs=rngs, dtype=dtype)
-        self.mlp = layers.Mlp(d, int(d * mlp_ratio), rngs=rngs, dtype=dtype)
+        self.ln = layers.LayerNorm(d, rngs=rngs, dtype=dtype, eps=ln_eps)
+        self.mlp = layers.Mlp(d, int(d * mlp_ratio), rngs=rngs, dtype=dtype, activation=activation)
 
     def __call__(self, x_btd):
         b, t, d = x_btd.shape
@@ -55,7 +65,14 @@ class VisionTransformer(nnx.Module):
     """ViT returning `(pooled, aux)`; aux['tokens'] holds the normalised patch tokens.
 
     Images arrive as uint8 (or float in [0, 255]) and are scaled to [-1, 1] here, on device,
-    so the input pipeline ships bytes (4x less host->device traffic than float32).
+    so the input pipeline ships bytes (4x less host->device traffic than float32);
+    `pixel_mean`/`pixel_std` (per channel, in 0..255 units) replace that scaling for
+    imported models trained on other statistics (OpenAI CLIP's).
+
+    The other knobs exist to run public layouts exactly (pretrain/weights/): `ln_pre`
+    (CLIP's LayerNorm before the blocks), `patch_bias` (CLIP's patch conv has none),
+    `activation` and `ln_eps` (CLIP: quick_gelu or exact gelu, 1e-5). Their defaults are
+    this codebase's own model.
     """
 
     def __init__(
@@ -70,16 +87,31 @@ class VisionTransformer(nnx.Module):
         pool: str = 'cls',
         remat: str = 'none',
         dtype=jnp.float32,
+        ln_pre: bool = False,
+        patch_bias: bool = True,
+        activation: str = 'gelu_tanh',
+        ln_eps: float = 1e-6,
+        pixel_mean: tuple | None = None,
+        pixel_std: tuple | None = None,
         rngs: nnx.Rngs,
     ):
         if pool not in POOLS:
             raise ValueError(f"unknown pool '{pool}'; valid: {', '.join(POOLS)}")
         if image_size % patch:
             raise ValueError(f'image_size {image_size} is not divisible by patch {patch}')
+        if (pixel_mean is None) != (pixel_std is None):
+            raise ValueError('pixel_mean and pixel_std must be given together (or neither)')
         self.patch, self.pool, self.dtype = patch, pool, dtype
+        self.pixel_mean = None if pixel_mean is None else tuple(float(m) for m in pixel_mean)
+        self.pixel_std = None if pixel_std is None else tuple(float(s) for s in pixel_std)
         grid = image_size // patch
         self.embed = layers.Dense(
-            patch * patch * 3, width, axes=(None, 'embed'), rngs=rngs, dtype=dtype
+            patch * patch * 3,
+            width,
+            axes=(None, 'embed'),
+            rngs=rngs,
+            dtype=dtype,
+            use_bias=patch_bias,
         )
         normal = nnx.initializers.normal(width**-0.5)
         self.pos = layers.param(rngs, normal, (grid * grid, width), (None, 'embed'))
@@ -88,12 +120,33 @@ class VisionTransformer(nnx.Module):
             if pool == 'cls'
             else None
         )
-        self.encoder = layers.Encoder(
-            width, depth, heads, mlp_ratio, rngs=rngs, dtype=dtype, remat=remat
+        self.ln_pre = (
+            layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=ln_eps) if ln_pre else None
         )
-        self.ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype)
+        self.encoder = layers.Encoder(
+            width,
+            depth,
+            heads,
+            mlp_ratio,
+            rngs=rngs,
+            dtype=dtype,
+            remat=remat,
+            activation=activation,
+            ln_eps=ln_eps,
+        )
+        self.ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=ln_eps)
         self.map = (
-            MapHead(width, heads, mlp_ratio, rngs=rngs, dtype=dtype) if pool == 'map' else None
+            MapHead(
+                width,
+                heads,
+                mlp_ratio,
+                rngs=rngs,
+                dtype=dtype,
+                activation=activation,
+                ln_eps=ln_eps,
+            )
+            if pool == 'map'
+            else None
         )
 
     def patchify(self, image):
@@ -101,17 +154,29 @@ class VisionTransformer(nnx.Module):
         p = self.patch
         if h % p or w % p:
             raise ValueError(f'image {h}x{w} is not divisible by patch {p}')
-        x = image.astype(self.dtype) * (2 / 255) - 1
+        if self.pixel_mean is None:
+            x = image.astype(self.dtype) * (2 / 255) - 1
+        else:
+            mean = jnp.asarray(self.pixel_mean, jnp.float32)
+            std = jnp.asarray(self.pixel_std, jnp.float32)
+            x = ((image.astype(jnp.float32) - mean) / std).astype(self.dtype)
         x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, (h // p) * (w // p), p * p * c), (h // p, w // p)
 
-    def __call__(self, image, *, train: bool = False):
-        del train  # no dropout in these towers; kept for a uniform signature.
+    def embed_tokens(self, image):
+        """(B, T, d) tokens entering the first block (CLS first if any), and the patch grid."""
         patches, grid = self.patchify(image)
         x = self.embed(patches) + interpolate_posemb(self.pos[...], grid).astype(self.dtype)
         if self.cls is not None:
             cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
             x = jnp.concatenate([cls, x], axis=1)
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
+        return x, grid
+
+    def __call__(self, image, *, train: bool = False):
+        del train  # no dropout in these towers; kept for a uniform signature.
+        x, grid = self.embed_tokens(image)
         pre_ln = self.encoder(x)
         x = self.ln(pre_ln)
         tokens = x[:, 1:] if self.cls is not None else x

@@ -1,0 +1,89 @@
+"""Hugging Face transformer-layer naming, shared by CLIPModel and SiglipModel.
+
+HF: `{prefix}.layers.{i}.self_attn.{q,k,v,out}_proj`, `layer_norm1/2`, `mlp.fc1/fc2`, torch
+Linear weights (out, in). Ours: one fused `attn.qkv` Dense whose output is laid out
+(3, heads, head_dim), so the fused kernel is [Wq.T | Wk.T | Wv.T].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pretrain.weights.common import Source, apply, concat_or_none, linear_t
+
+
+def layer_norm(src: Source, hf: str, ours: str, out: dict):
+    out[f'{ours}.scale'] = src.get(f'{hf}.weight')
+    out[f'{ours}.bias'] = src.get(f'{hf}.bias')
+
+
+def linear(src: Source, hf: str, ours: str, out: dict, *, bias=True):
+    out[f'{ours}.kernel'] = apply(linear_t, src.get(f'{hf}.weight'))
+    if bias:
+        out[f'{ours}.bias'] = src.get(f'{hf}.bias')
+
+
+def encoder_to_nnx(src: Source, hf: str, ours: str, depth: int, out: dict):
+    for i in range(depth):
+        h, o = f'{hf}.layers.{i}', f'{ours}.blocks.{i}'
+        layer_norm(src, f'{h}.layer_norm1', f'{o}.ln1', out)
+        layer_norm(src, f'{h}.layer_norm2', f'{o}.ln2', out)
+        w = [apply(linear_t, src.get(f'{h}.self_attn.{n}_proj.weight')) for n in 'qkv']
+        b = [src.get(f'{h}.self_attn.{n}_proj.bias') for n in 'qkv']
+        out[f'{o}.attn.qkv.kernel'] = concat_or_none(w, axis=1)
+        out[f'{o}.attn.qkv.bias'] = concat_or_none(b, axis=0)
+        linear(src, f'{h}.self_attn.out_proj', f'{o}.attn.out', out)
+        linear(src, f'{h}.mlp.fc1', f'{o}.mlp.fc1', out)
+        linear(src, f'{h}.mlp.fc2', f'{o}.mlp.fc2', out)
+
+
+def encoder_from_nnx(p: dict, hf: str, ours: str, depth: int, out: dict):
+    """The inverse of `encoder_to_nnx` over our flat params `p`."""
+    for i in range(depth):
+        h, o = f'{hf}.layers.{i}', f'{ours}.blocks.{i}'
+        for hn, on in (('layer_norm1', 'ln1'), ('layer_norm2', 'ln2')):
+            out[f'{h}.{hn}.weight'] = p[f'{o}.{on}.scale']
+            out[f'{h}.{hn}.bias'] = p[f'{o}.{on}.bias']
+        for j, w in enumerate(np.split(p[f'{o}.attn.qkv.kernel'], 3, axis=1)):
+            out[f'{h}.self_attn.{"qkv"[j]}_proj.weight'] = linear_t(w)
+        for j, b in enumerate(np.split(p[f'{o}.attn.qkv.bias'], 3)):
+            out[f'{h}.self_attn.{"qkv"[j]}_proj.bias'] = b
+        for hn, on in (
+            ('self_attn.out_proj', 'attn.out'),
+            ('mlp.fc1', 'mlp.fc1'),
+            ('mlp.fc2', 'mlp.fc2'),
+        ):
+            out[f'{h}.{hn}.weight'] = linear_t(p[f'{o}.{on}.kernel'])
+            out[f'{h}.{hn}.bias'] = p[f'{o}.{on}.bias']
+
+
+HF_ACTIVATIONS = {'quick_gelu': 'quick_gelu', 'gelu': 'gelu', 'gelu_pytorch_tanh': 'gelu_tanh'}
+
+
+def tower_knobs(hf_tower: dict, ours: str, layout: str) -> dict:
+    """Model-config values an HF tower config (config.json's vision/text_config) implies."""
+    from pretrain.weights.common import WeightsError
+
+    act = hf_tower.get('hidden_act')
+    if act is not None and act not in HF_ACTIVATIONS:
+        raise WeightsError(
+            f"{layout}: activation '{act}' is not supported; valid: {', '.join(HF_ACTIVATIONS)}"
+        )
+    want = {}
+    if act is not None:
+        want[f'{ours}.activation'] = HF_ACTIVATIONS[act]
+    if 'layer_norm_eps' in hf_tower:
+        want[f'{ours}.ln_eps'] = float(hf_tower['layer_norm_eps'])
+    if 'num_attention_heads' in hf_tower:
+        want[f'{ours}.heads'] = int(hf_tower['num_attention_heads'])
+    return want
+
+
+def tower_sizes(hf_tower: dict, ours: str) -> dict:
+    width = hf_tower['hidden_size']
+    return {
+        f'{ours}.width': width,
+        f'{ours}.depth': hf_tower['num_hidden_layers'],
+        f'{ours}.heads': hf_tower['num_attention_heads'],
+        f'{ours}.mlp_ratio': hf_tower['intermediate_size'] / width,
+    }
