@@ -12,7 +12,9 @@ import signal
 import threading
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 
 class Checkpointer:
@@ -94,3 +96,42 @@ class StopSignal:
     def restore(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class StopAgreement:
+    """Whether any process got a stop signal, agreed on by all processes at the same step.
+
+    Each process receives its own signals (a preempted host, a launcher forwarding Ctrl-C to
+    some). If one stopped alone, the others would wait for it in the next step's collectives;
+    so every step each process votes its signal number (0: none) into a max-reduce over the
+    mesh, and the loop acts on the previous step's vote, which every process reads at the same
+    step. The vote is one int per device, dispatched after the train step, and read when that
+    step is finished anyway (the loop reads each step's loss one step late): no extra wait.
+    With a single process the local signal is the answer and nothing is reduced.
+    """
+
+    def __init__(self, stop: StopSignal, mesh):
+        self.stop = stop
+        self._pending = None
+        self._agreed: int | None = None
+        self._mesh = mesh
+        if jax.process_count() > 1:
+            self._votes = NamedSharding(mesh, P(mesh.axis_names))
+            self._max = jax.jit(lambda v: v.max(), out_shardings=NamedSharding(mesh, P()))
+            self._local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+    def poll(self) -> int | None:
+        """Votes for this step; returns the signal all processes agree on (None: go on)."""
+        if jax.process_count() == 1:
+            return self.stop.received
+        if self._agreed:  # once agreed, stays agreed (the loop stops at that step)
+            return self._agreed
+        vote = jax.make_array_from_process_local_data(
+            self._votes,
+            np.full(self._local, self.stop.received or 0, np.int32),
+            (self._mesh.size,),
+        )
+        previous, self._pending = self._pending, self._max(vote)
+        if previous is not None:
+            self._agreed = int(previous) or None
+        return self._agreed

@@ -45,10 +45,10 @@ def ensure_fast_malloc():
 
 
 def add_distributed_flags(parser):
-    """Explicit multi-process flags; without them the cluster environment is read."""
-    parser.add_argument('--coordinator', help='host:port of process 0 (multi-process runs)')
-    parser.add_argument('--num_processes', type=int)
-    parser.add_argument('--process_id', type=int)
+    """--coordinator/--num_processes/--process_id (pretrain.distributed)."""
+    from pretrain import distributed
+
+    distributed.add_flags(parser)
 
 
 def parse_args(argv):
@@ -63,22 +63,25 @@ def parse_args(argv):
 
 
 def maybe_initialize_distributed(args):
-    """Multi-process JAX from explicit flags or a cluster environment JAX recognises."""
+    """Multi-process JAX from the flags or the cluster environment (pretrain.distributed).
+
+    Bad settings are a one-line error and exit status 2, as bad config overrides are.
+    """
+    from pretrain import distributed
+
+    try:
+        processes = distributed.initialize(args)
+    except distributed.DistributedError as e:
+        print(f'error: {e}', file=sys.stderr)
+        raise SystemExit(2) from None
     import jax
 
-    explicit = args.coordinator is not None
-    cluster = (
-        any(os.environ.get(v) for v in ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES'))
-        or int(os.environ.get('SLURM_NTASKS', '1')) > 1
-    )
-    if explicit:
-        jax.distributed.initialize(
-            coordinator_address=args.coordinator,
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-        )
-    elif cluster:
-        jax.distributed.initialize()
+    if processes.multi_process and jax.process_index() != 0:
+        # Every process logs the same lines; process 0 speaks for the run, the others only
+        # warn (and their errors still show, prefixed by the launcher).
+        for name in ('pretrain', 'input_pipeline'):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    return processes
 
 
 def main(argv=None) -> int:
