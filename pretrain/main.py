@@ -100,13 +100,17 @@ def main(argv=None) -> int:
     logging.getLogger('input_pipeline').setLevel(logging.INFO)
     maybe_initialize_distributed(args)
 
-    from pretrain import train
+    from input_pipeline import pipeline
+    from pretrain import train, weights
 
     try:
         train.run(config, args.workdir)
     except train.NonFiniteLoss as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
+    except (pipeline.InputError, weights.WeightsError) as e:  # wrong data path / init weights
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     return 0
 
 

@@ -326,9 +326,10 @@ def test_a_missing_path_stops_the_run_at_start(python, tmp_path):
         ],
         check=False,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2
+    assert 'Traceback' not in proc.stderr  # one line, not a stack
     last = proc.stderr.strip().splitlines()[-1]
-    assert f"input.data: jsonl source: no such file '{tmp_path}/nope.jsonl'" in last
+    assert last == f"error: input.data: jsonl source: no such file '{tmp_path}/nope.jsonl'"
 
 
 def test_coco_captions_train_on_a_new_caption_each_epoch(tmp_path):
