@@ -2,13 +2,15 @@
 # One command on every worker of a Cloud TPU VM slice, over gcloud ssh.
 #
 #   launch/tpu_vm.sh --tpu my-v5e-32 --zone us-west4-a [--project P] [--dir ~/pretrain] [--copy] \
-#       -- python -m pretrain.main --config configs/clip.py:b16 --workdir gs://bucket/run
+#       -- python -m pretrain.main --config configs/clip.py:b16 --workdir /mnt/shared/run
 #   launch/tpu_vm.sh --dry-run --tpu my-v5e-32 --zone us-west4-a -- python -m pretrain.main ...
 #
 # Every worker runs the same command in --dir; JAX finds the slice's workers and this
 # worker's id itself (pretrain/distributed.py calls jax.distributed.initialize() on a TPU VM).
 # --copy first copies this checkout to --dir on every worker. --dry-run prints the gcloud
-# commands instead of running them. The workdir must be one every worker can write (gs://).
+# commands instead of running them. The workdir must be a filesystem every worker mounts
+# (NFS / Filestore, or a gcsfuse mount of a bucket): metrics and config are written with
+# plain file I/O, so a gs:// URL is not supported as a workdir.
 set -euo pipefail
 
 usage() {
