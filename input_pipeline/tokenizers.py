@@ -224,8 +224,9 @@ class HFTokenizer(_FixedLength):
 
     Texts are encoded without the file's special tokens (`add_special_tokens=False`:
     no BERT [CLS]/[SEP], no CLIP <|startoftext|>), then EOS is appended, as for
-    every tokenizer here. The file's own truncation and padding settings are
-    switched off; `context_length` governs.
+    every tokenizer here. Special tokens written in the text itself are encoded as
+    plain text. The file's own truncation and padding settings are switched off;
+    `context_length` governs.
 
     EOS: `eos_token` if given, else the first of HF_EOS_TOKENS in the
     vocabulary; a file with none of them is refused. Padding: `pad_token` if
@@ -258,6 +259,9 @@ class HFTokenizer(_FixedLength):
         file_pad = tok.padding["pad_id"] if tok.padding else None
         tok.no_truncation()
         tok.no_padding()
+        # A caption that literally contains "</s>" or "<pad>" must not produce the EOS
+        # or pad id mid-text (the EOS lookup would break): encode special tokens as text.
+        tok.encode_special_tokens = True
         self._tok = tok
         vocab = tok.get_vocab(with_added_tokens=True)
         size = max(vocab.values()) + 1
@@ -283,6 +287,11 @@ class HFTokenizer(_FixedLength):
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path!r}, context_length={self.context_length})"
+
+    def __setstate__(self, state) -> None:
+        # Worker processes get the tokenizer pickled; the library's pickle drops this flag.
+        self.__dict__.update(state)
+        self._tok.encode_special_tokens = True
 
     def encode(self, text: str | bytes) -> list[int]:
         """The file's ids of one text (no special tokens), EOS appended."""
