@@ -306,14 +306,24 @@ def check_record_fields(source, names, *, source_name: str) -> None:
 
 
 def check_vocab_size(config, tokenizer) -> None:
-    """The text tower's embedding must hold every id the tokenizer gives."""
+    """The text tower's embedding must hold every id the tokenizer gives, and the tower must
+    know which id is padding (it masks padding and finds the EOS position by it)."""
     model = config.get('model')
     text = model.get('text') if model else None
-    if text is not None and tokenizer.vocab_size > text.vocab_size:
+    if text is None:
+        return
+    name = _get(config.input, 'tokenizer')
+    if tokenizer.vocab_size > text.vocab_size:
         raise ValueError(
-            f"input.tokenizer '{_get(config.input, 'tokenizer')}' has vocab_size "
+            f"input.tokenizer '{name}' has vocab_size "
             f"{tokenizer.vocab_size} > model.text.vocab_size {text.vocab_size}; set "
             f"--config.model.text.vocab_size={tokenizer.vocab_size}"
+        )
+    if text.get('pad_id', 0) != tokenizer.pad_id:
+        raise ValueError(
+            f"input.tokenizer '{name}' pads with id {tokenizer.pad_id} but "
+            f"model.text.pad_id is {text.get('pad_id', 0)}; set "
+            f"--config.model.text.pad_id={tokenizer.pad_id}"
         )
 
 

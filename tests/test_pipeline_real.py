@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY
+from fixtures_data import write_jsonl_with_bad_records
 from configs import clip_data, common
 from input_pipeline import pipeline, transforms
 from input_pipeline.tokenizers import ByteTokenizer
@@ -34,6 +35,15 @@ def config_for(input_section, *, batch_size=8, image_size=16):
     config.input.num_threads = 2
     config.batch_size = batch_size
     return config
+
+
+def train_on_jsonl(python, workdir, path, flags=(), **run_kwargs):
+    """The user's command: pretrain.main on configs/clip_data.py:jsonl over `path`."""
+    return python(
+        ['-m', 'pretrain.main', '--config', 'configs/clip_data.py:jsonl', '--workdir', workdir]
+        + [f'--config.input.data.path={path}', *TINY, *flags],
+        **run_kwargs,
+    )
 
 
 def first_batch(config, fields=FIELDS):
@@ -141,17 +151,7 @@ def test_mixture_from_the_config(tmp_path):
 
 def test_bad_records_counted_and_skipped(tmp_path):
     """Truncated JPEG, missing file, empty caption, tar key without image."""
-    path = write_jsonl_dataset(
-        tmp_path,
-        20,
-        extra_lines=[
-            '{"image": "images/truncated.jpg", "caption": "cut"}',
-            '{"image": "images/missing.jpg", "caption": "gone"}',
-            '{"image": "images/0003.jpg", "caption": ""}',
-        ],
-    )
-    with open(tmp_path / 'images/0000.jpg', 'rb') as f:
-        (tmp_path / 'images/truncated.jpg').write_bytes(f.read()[:150])
+    path = write_jsonl_with_bad_records(tmp_path, 20, truncated_from=0, kept_bytes=150, empty=3)
     samples = [wds_sample(j) for j in range(7)] + [('000000999', {'txt': b'orphan'})]
     urls = write_tar(tmp_path / 'x.tar', samples)
     section = common.mixture_input(
@@ -253,23 +253,18 @@ def test_training_on_a_jsonl_folder(python, tmp_path):
         extra_lines=['{"image": "images/missing.jpg", "caption": "gone"}'],
     )
     workdir = str(tmp_path / 'run')
-    proc = python(
+    proc = train_on_jsonl(
+        python,
+        workdir,
+        path,
         [
-            '-m',
-            'pretrain.main',
-            '--config',
-            'configs/clip_data.py:jsonl',
-            '--workdir',
-            workdir,
-            f'--config.input.data.path={path}',
-            *TINY,
             '--config.model.dtype=float32',
             '--config.model.remat=none',
             '--config.input.num_threads=2',
             '--config.total_steps=6',
             '--config.log_every=3',
             '--config.checkpoint.every=6',
-        ]
+        ],
     )
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
         rows = [json.loads(line) for line in f]
@@ -310,22 +305,13 @@ def test_tokenizer_from_the_config(tmp_path):
     config.model.text.vocab_size = 10
     with pytest.raises(ValueError, match="tokenizer 'hf' has vocab_size 14 > model.text"):
         pipeline.train_loader(config, fields=('text',))
+    config.model.text.vocab_size, config.model.text.pad_id = 14, 5
+    with pytest.raises(ValueError, match="'hf' pads with id 0 but model.text.pad_id is 5"):
+        pipeline.train_loader(config, fields=('text',))
 
 
 def test_a_missing_path_stops_the_run_at_start(python, tmp_path):
-    proc = python(
-        [
-            '-m',
-            'pretrain.main',
-            '--config',
-            'configs/clip_data.py:jsonl',
-            '--workdir',
-            str(tmp_path / 'run'),
-            f'--config.input.data.path={tmp_path}/nope.jsonl',
-            *TINY,
-        ],
-        check=False,
-    )
+    proc = train_on_jsonl(python, str(tmp_path / 'run'), f'{tmp_path}/nope.jsonl', check=False)
     assert proc.returncode == 2
     assert 'Traceback' not in proc.stderr  # one line, not a stack
     last = proc.stderr.strip().splitlines()[-1]
