@@ -548,27 +548,35 @@ def _real_eval(kind: str, source: str, *, batch_size: int, **fields):
     )
 
 
-def folder_zeroshot_eval(
-    root: str = '',
+def _zeroshot_eval(
+    source: str,
+    source_fields: dict,
     *,
     classnames: tuple = (),
     templates: tuple = CLIP_IMAGENET_TEMPLATES,
     num_examples: int = 0,
     batch_size: int = 256,
 ) -> ConfigDict:
-    """Zero-shot top-1/top-5 on an ImageFolder root/<class_name>/<image>; class names are
-    the folder names ('_' -> ' ') unless `classnames` lists them in sorted-folder order
-    (e.g. readable ImageNet names for WordNet-id folders)."""
+    """Zero-shot top-1/top-5: the options every zero-shot source takes, next to the
+    source's own `source_fields`."""
     return _real_eval(
         'zeroshot',
-        'folder',
+        source,
         batch_size=batch_size,
         num_examples=num_examples,
-        root=root,
+        **source_fields,
         classnames=tuple(classnames),
         templates=tuple(templates),
         top_k=(1, 5),
     )
+
+
+def folder_zeroshot_eval(root: str = '', **options) -> ConfigDict:
+    """Zero-shot top-1/top-5 on an ImageFolder root/<class_name>/<image>; class names are
+    the folder names ('_' -> ' ') unless `classnames` lists them in sorted-folder order
+    (e.g. readable ImageNet names for WordNet-id folders). `options`: classnames,
+    templates, num_examples, batch_size (see _zeroshot_eval)."""
+    return _zeroshot_eval('folder', dict(root=root), **options)
 
 
 def tfds_zeroshot_eval(
@@ -578,109 +586,109 @@ def tfds_zeroshot_eval(
     data_dir: str = '',
     image_key: str = 'image',
     label_key: str = 'label',
-    classnames: tuple = (),
-    templates: tuple = CLIP_IMAGENET_TEMPLATES,
-    num_examples: int = 0,
-    batch_size: int = 256,
+    **options,
 ) -> ConfigDict:
     """Zero-shot on a TFDS classification dataset prepared as ArrayRecord (`tfds build
-    --file_format=array_record cifar10`); class names from its ClassLabel feature."""
-    return _real_eval(
-        'zeroshot',
-        'tfds',
-        batch_size=batch_size,
-        num_examples=num_examples,
+    --file_format=array_record cifar10`); class names from its ClassLabel feature.
+    `options`: as folder_zeroshot_eval."""
+    tfds_fields = dict(
         tfds_name=tfds_name,
         split=split,
         data_dir=data_dir,
         image_key=image_key,
         label_key=label_key,
-        classnames=tuple(classnames),
-        templates=tuple(templates),
-        top_k=(1, 5),
     )
+    return _zeroshot_eval('tfds', tfds_fields, **options)
 
 
-def coco_retrieval_eval(
-    root: str = '',
+def _retrieval_eval(
+    source: str,
+    root: str,
     *,
-    split: str = 'val2017',
+    split: str,
     annotations: str = '',
     images: str = '',
     num_examples: int = 0,
     batch_size: int = 256,
     chunk_size: int = 1024,
 ) -> ConfigDict:
+    """Image<->text R@1/5/10: the options every retrieval source takes."""
+    return _real_eval(
+        'retrieval',
+        source,
+        batch_size=batch_size,
+        num_examples=num_examples,
+        root=root,
+        split=split,
+        annotations=annotations,
+        images=images,
+        ks=(1, 5, 10),
+        chunk_size=chunk_size,
+    )
+
+
+def coco_retrieval_eval(root: str = '', *, split: str = 'val2017', **options) -> ConfigDict:
     """Image<->text R@1/5/10 on COCO: root/annotations/captions_<split>.json and
     root/<split>/ (5k images x ~25k captions for val2017), or explicit `annotations` (a
-    captions JSON, or Karpathy's dataset_coco.json with split='test') and `images`."""
-    return _real_eval(
-        'retrieval',
-        'coco',
-        batch_size=batch_size,
-        num_examples=num_examples,
-        root=root,
-        split=split,
-        annotations=annotations,
-        images=images,
-        ks=(1, 5, 10),
-        chunk_size=chunk_size,
-    )
+    captions JSON, or Karpathy's dataset_coco.json with split='test') and `images`.
+    `options`: annotations, images, num_examples, batch_size, chunk_size (_retrieval_eval)."""
+    return _retrieval_eval('coco', root, split=split, **options)
 
 
-def flickr_retrieval_eval(
-    root: str = '',
-    *,
-    split: str = 'test',
-    annotations: str = '',
-    images: str = '',
-    num_examples: int = 0,
-    batch_size: int = 256,
-    chunk_size: int = 1024,
-) -> ConfigDict:
+def flickr_retrieval_eval(root: str = '', *, split: str = 'test', **options) -> ConfigDict:
     """Image<->text R@1/5/10 on Flickr30k's Karpathy split: root/dataset_flickr30k.json and
     root/flickr30k-images/ (1k test images x 5 captions), or explicit `annotations` (a
-    Karpathy JSON or a Flickr `.token` file) and `images`."""
-    return _real_eval(
-        'retrieval',
-        'flickr',
-        batch_size=batch_size,
-        num_examples=num_examples,
-        root=root,
-        split=split,
-        annotations=annotations,
-        images=images,
-        ks=(1, 5, 10),
-        chunk_size=chunk_size,
-    )
+    Karpathy JSON or a Flickr `.token` file) and `images`. `options`: as
+    coco_retrieval_eval."""
+    return _retrieval_eval('flickr', root, split=split, **options)
 
 
-def ade20k_eval(
-    root: str = '',
+def _dense_eval(
+    source: str,
+    root: str,
     *,
-    split: str = 'validation',
+    split: str,
+    background: str,
+    threshold: float,
+    background_prompts: tuple,
+    include_background: bool,
     readout: str = 'value',
     templates: tuple = CLIP_IMAGENET_TEMPLATES,
     num_examples: int = 0,
     batch_size: int = 64,
 ) -> ConfigDict:
-    """Dense zero-shot mIoU on ADE20K (root = ADEChallengeData2016): 150 classes, label 0
-    not scored. ADE20K has no background class, so the background rule is off: a
-    threshold of -2 is below any cosine similarity."""
+    """Dense zero-shot mIoU: the options every segmentation source takes."""
     return _real_eval(
         'dense_zeroshot',
-        'ade20k',
+        source,
         batch_size=batch_size,
         num_examples=num_examples,
         root=root,
         split=split,
-        classnames=(),  # (): the 150 standard names (input_pipeline/sources/segmentation.py)
+        classnames=(),  # (): the source's standard names (input_pipeline/sources/segmentation.py)
         readout=readout,
+        background=background,
+        threshold=threshold,
+        background_prompts=background_prompts,
+        templates=tuple(templates),
+        include_background=include_background,
+    )
+
+
+def ade20k_eval(root: str = '', *, split: str = 'validation', **options) -> ConfigDict:
+    """Dense zero-shot mIoU on ADE20K (root = ADEChallengeData2016): 150 classes, label 0
+    not scored. ADE20K has no background class, so the background rule is off: a
+    threshold of -2 is below any cosine similarity. `options`: readout, templates,
+    num_examples, batch_size (see _dense_eval)."""
+    return _dense_eval(
+        'ade20k',
+        root,
+        split=split,
         background='threshold',
         threshold=-2.0,
         background_prompts=(),
-        templates=tuple(templates),
         include_background=False,
+        **options,
     )
 
 
@@ -688,30 +696,22 @@ def voc_eval(
     root: str = '',
     *,
     split: str = 'val',
-    readout: str = 'value',
     background: str = 'prompt',
     threshold: float = 0.2,
-    templates: tuple = CLIP_IMAGENET_TEMPLATES,
-    num_examples: int = 0,
-    batch_size: int = 64,
+    **options,
 ) -> ConfigDict:
     """Dense zero-shot mIoU on Pascal VOC 2012 (root = VOCdevkit/VOC2012): 20 classes +
     background (scored, as VOC's 21-class mIoU), 255 not scored. Background by its own
-    prompts, or `background='threshold'` below `threshold`."""
-    return _real_eval(
-        'dense_zeroshot',
+    prompts, or `background='threshold'` below `threshold`. `options`: as ade20k_eval."""
+    return _dense_eval(
         'voc',
-        batch_size=batch_size,
-        num_examples=num_examples,
-        root=root,
+        root,
         split=split,
-        classnames=(),  # (): the 20 standard names (input_pipeline/sources/segmentation.py)
-        readout=readout,
         background=background,
         threshold=threshold,
         background_prompts=VOC_BACKGROUND_PROMPTS,
-        templates=tuple(templates),
         include_background=True,
+        **options,
     )
 
 
@@ -719,9 +719,9 @@ def voc_eval(
 PROBE_LAMBDAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
-def folder_probe_eval(
-    root: str = '',
-    test_root: str = '',
+def _probe_eval(
+    source: str,
+    source_fields: dict,
     *,
     num_train: int = 0,
     num_val: int = 1000,
@@ -729,21 +729,26 @@ def folder_probe_eval(
     feature: str = 'pooled',
     batch_size: int = 256,
 ) -> ConfigDict:
-    """Linear probe (ridge, strength chosen on val) on ImageFolders: train + val drawn from
-    `root` (num_val with a fixed seed, then num_train of the rest; 0: all), test from
-    `test_root` (num_test spread evenly; 0: all). Features: `num_train` x width floats."""
+    """Linear probe (ridge, strength chosen on val): the options every probe source takes.
+    num_val drawn with a fixed seed, then num_train of the rest (0: all); num_test spread
+    evenly (0: all). Features: `num_train` x width floats."""
     return _real_eval(
         'linear_probe',
-        'folder',
+        source,
         batch_size=batch_size,
-        root=root,
-        test_root=test_root,
+        **source_fields,
         num_train=num_train,
         num_val=num_val,
         num_test=num_test,
         feature=feature,
         lambdas=PROBE_LAMBDAS,
     )
+
+
+def folder_probe_eval(root: str = '', test_root: str = '', **options) -> ConfigDict:
+    """Linear probe on ImageFolders: train + val drawn from `root`, test from `test_root`.
+    `options`: num_train, num_val, num_test, feature, batch_size (see _probe_eval)."""
+    return _probe_eval('folder', dict(root=root, test_root=test_root), **options)
 
 
 def tfds_probe_eval(
@@ -754,27 +759,16 @@ def tfds_probe_eval(
     data_dir: str = '',
     image_key: str = 'image',
     label_key: str = 'label',
-    num_train: int = 0,
-    num_val: int = 1000,
-    num_test: int = 0,
-    feature: str = 'pooled',
-    batch_size: int = 256,
+    **options,
 ) -> ConfigDict:
     """Linear probe on a TFDS classification dataset (ArrayRecord): train + val from `split`,
-    test from `test_split`; sizes as folder_probe_eval."""
-    return _real_eval(
-        'linear_probe',
-        'tfds',
-        batch_size=batch_size,
+    test from `test_split`. `options`: as folder_probe_eval."""
+    tfds_fields = dict(
         tfds_name=tfds_name,
         split=split,
         test_split=test_split,
         data_dir=data_dir,
         image_key=image_key,
         label_key=label_key,
-        num_train=num_train,
-        num_val=num_val,
-        num_test=num_test,
-        feature=feature,
-        lambdas=PROBE_LAMBDAS,
     )
+    return _probe_eval('tfds', tfds_fields, **options)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from input_pipeline import convert
 from input_pipeline.sources import array_record, folder, webdataset
+from fixtures_data import write_jsonl_with_bad_records
 from test_sources import decoded, encode, image_array, wds_sample, write_jsonl_dataset, write_tar
 
 
@@ -23,17 +24,7 @@ def test_help(python):
 
 
 def test_jsonl_round_trip_skips_bad_records(tmp_path, capsys):
-    path = write_jsonl_dataset(
-        tmp_path,
-        10,
-        extra_lines=[
-            '{"image": "images/missing.jpg", "caption": "gone"}',
-            '{"image": "images/0001.jpg", "caption": ""}',
-            '{"image": "images/truncated.jpg", "caption": "cut short"}',
-        ],
-    )
-    with open(tmp_path / 'images/0002.jpg', 'rb') as f:
-        (tmp_path / 'images/truncated.jpg').write_bytes(f.read()[:200])
+    path = write_jsonl_with_bad_records(tmp_path, 10, truncated_from=2, kept_bytes=200, empty=1)
     out = str(tmp_path / 'ar')
     totals = run('--format', 'jsonl', '--input', path, '--output', out, '--records-per-shard', '4')
     assert totals == {'written': 10, 'skipped': 3, 'shards': 4, 'shards_already_done': 0}

@@ -28,10 +28,6 @@ def launch(n, devices=1):
     return ['launch/local.py', '-n', str(n), '--devices_per_process', str(devices), '--']
 
 
-def trainer(n, devices=1):
-    return [sys.executable, *launch(n, devices), sys.executable, *MAIN]
-
-
 def read_metrics(workdir):
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
         return [json.loads(line) for line in f]
@@ -91,22 +87,40 @@ def read_until_started(proc, n):
     return started_pids(lines)
 
 
-def test_two_processes_log_the_losses_of_one_and_stop_together(python, tmp_path):
-    """2 processes x 1 device vs 1 process x 2 devices; then SIGTERM to process 1 only."""
-    total = 150
-    args = ARGS + [f'--config.total_steps={total}', '--config.checkpoint.every=1000']
-    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
-    python(MAIN + args + ['--workdir', one], env={'JAX_NUM_CPU_DEVICES': '2'})
+def run_one_process(python, args, workdir):
+    """The reference the multi-process runs must match: 1 process x 2 devices."""
+    python(MAIN + args + ['--workdir', workdir], env={'JAX_NUM_CPU_DEVICES': '2'})
 
+
+def start_two_processes(args, workdir):
+    """pretrain.main under `launch/local.py -n 2`, in the background: (the launcher, the pids
+    of its 2 processes once both have started). proc.stdout carries both processes' output."""
     proc = subprocess.Popen(
-        trainer(2) + args + ['--workdir', two],
+        [sys.executable, *launch(2), sys.executable, *MAIN, *args, '--workdir', workdir],
         cwd=ROOT,
         env=clean_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    pids = read_until_started(proc, 2)
+    return proc, read_until_started(proc, 2)
+
+
+def relaunch_resumes_and_completes(python, args, workdir, from_step, total):
+    """The same 2-process command again resumes from `from_step` and runs to the end."""
+    proc = python(launch(2) + [sys.executable, *MAIN, *args, '--workdir', workdir])
+    assert f'resumed from step {from_step}' in proc.stdout
+    assert f'[0] completed: step {total}/{total}' in proc.stdout
+
+
+def test_two_processes_log_the_losses_of_one_and_stop_together(python, tmp_path):
+    """2 processes x 1 device vs 1 process x 2 devices; then SIGTERM to process 1 only."""
+    total = 150
+    args = ARGS + [f'--config.total_steps={total}', '--config.checkpoint.every=1000']
+    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+    run_one_process(python, args, one)
+
+    proc, pids = start_two_processes(args, two)
     wait_for_rows(two, 8, proc)
     os.kill(pids[1], signal.SIGTERM)  # as if only host 1 were preempted
     out, _ = proc.communicate(timeout=120)
@@ -128,7 +142,7 @@ def test_restore_across_process_counts_and_meshes(python, tmp_path):
     """2 processes -> 1 (other mesh) and 1 -> 2 processes x 2 devices (other mesh)."""
     args = ARGS + ['--config.total_steps=8', '--config.checkpoint.every=4']
     ref, two = str(tmp_path / 'ref'), str(tmp_path / 'two')
-    python(MAIN + args + ['--workdir', ref], env={'JAX_NUM_CPU_DEVICES': '2'})
+    run_one_process(python, args, ref)
     want = losses(ref)
 
     python(launch(2) + [sys.executable, *MAIN, *args, '--workdir', two])
@@ -157,18 +171,10 @@ def test_a_dead_process_stops_the_run_and_the_relaunch_resumes(python, tmp_path)
     total = 120
     args = ARGS + [f'--config.total_steps={total}', '--config.checkpoint.every=10']
     ref, wd = str(tmp_path / 'ref'), str(tmp_path / 'run')
-    python(MAIN + args + ['--workdir', ref], env={'JAX_NUM_CPU_DEVICES': '2'})
+    run_one_process(python, args, ref)
 
     # Under the launcher: it stops the other process and exits non-zero within 60 s.
-    proc = subprocess.Popen(
-        trainer(2) + args + ['--workdir', wd],
-        cwd=ROOT,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    pids = read_until_started(proc, 2)
+    proc, pids = start_two_processes(args, wd)
     wait_for_rows(wd, 25, proc)
     os.kill(pids[1], signal.SIGKILL)
     killed = time.time()
@@ -200,12 +206,8 @@ def test_a_dead_process_stops_the_run_and_the_relaunch_resumes(python, tmp_path)
     assert checkpoints(wd)[-1] > saved  # the bare run got past a checkpoint of its own
 
     # The same command again resumes from the last complete checkpoint, as if never killed.
-    last = checkpoints(wd)[-1]
-    proc = python(launch(2) + [sys.executable, *MAIN, *args, '--workdir', wd])
-    assert f'resumed from step {last}' in proc.stdout
-    assert f'[0] completed: step {total}/{total}' in proc.stdout
-    got = losses(wd)
-    assert_same_losses(got, losses(ref), range(1, total + 1))
+    relaunch_resumes_and_completes(python, args, wd, checkpoints(wd)[-1], total)
+    assert_same_losses(losses(wd), losses(ref), range(1, total + 1))
 
 
 @pytest.mark.slow
@@ -216,15 +218,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(python, tmp_path):
     directory = os.path.join(wd, 'checkpoints')
     for attempt in range(5):  # a save takes ~0.1 s here; catching one in flight may miss
         shutil.rmtree(wd, ignore_errors=True)
-        proc = subprocess.Popen(
-            trainer(2) + args + ['--workdir', wd],
-            cwd=ROOT,
-            env=clean_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        pids = read_until_started(proc, 2)
+        proc, pids = start_two_processes(args, wd)
         in_flight = None
         while proc.poll() is None and in_flight is None:
             names = os.listdir(directory) if os.path.isdir(directory) else []
@@ -246,9 +240,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(python, tmp_path):
     previous = checkpoints(wd)[-1]
     assert previous < interrupted
 
-    proc = python(launch(2) + [sys.executable, *MAIN, *args, '--workdir', wd])
-    assert f'resumed from step {previous}' in proc.stdout
-    assert f'[0] completed: step {total}/{total}' in proc.stdout
+    relaunch_resumes_and_completes(python, args, wd, previous, total)
     assert checkpoints(wd)[-1] == total
 
 

@@ -327,19 +327,25 @@ def _check_labels(labels, names):
         raise ValueError(f'labels go up to {labels.max()} but there are {len(names)} class names')
 
 
+def decoded_images(section, source, indices, decode=None) -> DecodedImages:
+    """The `indices` records of `source`, decoded per batch at section.image_size: centre
+    cropped, unless `decode` (record -> image) says otherwise."""
+    return DecodedImages(
+        source,
+        indices,
+        decode or decode_center_crop(section.image_size),
+        size=section.image_size,
+        num_threads=field(section, 'num_threads'),
+    )
+
+
 def classification_data(section) -> tuple[DecodedImages, np.ndarray, tuple[str, ...]]:
     """(images, labels (N,), class names) of a 'folder' or 'tfds' section."""
     source = open_source(section)
     indices = subset(len(source), field(section, 'num_examples'))
     labels, names = labels_of(source, indices), classnames_of(section, source)
     _check_labels(labels, names)
-    images = DecodedImages(
-        source,
-        indices,
-        decode_center_crop(section.image_size),
-        size=section.image_size,
-        num_threads=field(section, 'num_threads'),
-    )
+    images = decoded_images(section, source, indices)
     return images, labels, names
 
 
@@ -399,12 +405,8 @@ def probe_data(section):
         [labels_of(train, train_idx), labels_of(train, val), labels_of(test, test_idx)]
     )
     _check_labels(labels, names)
-    images = DecodedImages(
-        Concat(train, test),
-        np.concatenate([train_idx, val, test_idx + len(train)]),
-        decode_center_crop(section.image_size),
-        size=section.image_size,
-        num_threads=field(section, 'num_threads'),
+    images = decoded_images(
+        section, Concat(train, test), np.concatenate([train_idx, val, test_idx + len(train)])
     )
     cuts = np.array([len(train_idx), len(train_idx) + len(val)])
     return images, labels, cuts, len(names)
@@ -418,13 +420,7 @@ def caption_data(section) -> tuple[DecodedImages, list[str], np.ndarray]:
     per_image = [source.captions(int(i)) for i in indices]
     captions = [c for caps in per_image for c in caps]
     txt_image = np.repeat(np.arange(len(indices)), [len(caps) for caps in per_image])
-    images = DecodedImages(
-        source,
-        indices,
-        decode_center_crop(section.image_size),
-        size=section.image_size,
-        num_threads=field(section, 'num_threads'),
-    )
+    images = decoded_images(section, source, indices)
     return images, captions, txt_image
 
 
@@ -438,12 +434,8 @@ def segmentation_data(section):
     indices = subset(len(source), field(section, 'num_examples'))
     size = section.image_size
     segs = np.stack([segmentation.center_crop_labels(source.labels(int(i)), size) for i in indices])
-    images = DecodedImages(
-        source,
-        indices,
-        lambda record: segmentation.center_crop_pair(record, size)['image'],
-        size=size,
-        num_threads=field(section, 'num_threads'),
+    images = decoded_images(
+        section, source, indices, decode=lambda r: segmentation.center_crop_pair(r, size)['image']
     )
     names = tuple(field(section, 'classnames')) or source.classnames
     if len(names) != len(source.classnames):

@@ -82,6 +82,18 @@ class ImageTextModel(nnx.Module):
         )
         image_proj = config.get('image_proj', 'linear')
         proj_bias = config.get('proj_bias', False)
+
+        def projection(width):
+            """A tower's (width -> embed_dim) projection into the shared embedding space."""
+            return layers.Dense(
+                width,
+                config.embed_dim,
+                axes=('embed', None),
+                use_bias=proj_bias,
+                rngs=rngs,
+                dtype=dtype,
+            )
+
         if image_proj not in IMAGE_PROJS:
             raise ValueError(f"unknown image_proj '{image_proj}'; valid: {', '.join(IMAGE_PROJS)}")
         if image_proj == 'none':
@@ -92,22 +104,8 @@ class ImageTextModel(nnx.Module):
                 )
             self.image_proj = Identity()
         else:
-            self.image_proj = layers.Dense(
-                img.width,
-                config.embed_dim,
-                axes=('embed', None),
-                use_bias=proj_bias,
-                rngs=rngs,
-                dtype=dtype,
-            )
-        self.text_proj = layers.Dense(
-            txt.width,
-            config.embed_dim,
-            axes=('embed', None),
-            use_bias=proj_bias,
-            rngs=rngs,
-            dtype=dtype,
-        )
+            self.image_proj = projection(img.width)
+        self.text_proj = projection(txt.width)
         self.logit_scale = nnx.Param(jnp.asarray(math.log(config.logit_scale_init), jnp.float32))
         self.logit_bias = nnx.Param(jnp.asarray(config.logit_bias_init, jnp.float32))
         # DreamLIP's sub-caption grouping contrast has its own learnable temperature (a log,

@@ -90,10 +90,7 @@ def to_nnx(arrays: dict, model_config) -> dict:
     hf_layers.layer_norm(src, f'{v}.pre_layrnorm', 'image.ln_pre', out)
     hf_layers.encoder_to_nnx(src, f'{v}.encoder', 'image.encoder', img.depth, out)
     hf_layers.layer_norm(src, f'{v}.post_layernorm', 'image.ln', out)
-    out['text.tok'] = src.get(f'{t}.embeddings.token_embedding.weight')
-    out['text.pos'] = src.get(f'{t}.embeddings.position_embedding.weight')
-    hf_layers.encoder_to_nnx(src, f'{t}.encoder', 'text.encoder', txt.depth, out)
-    hf_layers.layer_norm(src, f'{t}.final_layer_norm', 'text.ln', out)
+    hf_layers.text_to_nnx(src, t, txt.depth, out)
     out['image_proj.kernel'] = apply(linear_t, src.get('visual_projection.weight'))
     out['text_proj.kernel'] = apply(linear_t, src.get('text_projection.weight'))
     out['logit_scale'] = apply(lambda a: a.reshape(()), src.get('logit_scale'))
@@ -117,39 +114,17 @@ def from_nnx(p: dict, model_config) -> tuple[dict, dict]:
         out[f'{v}.{hn}.weight'] = p[f'image.{on}.scale']
         out[f'{v}.{hn}.bias'] = p[f'image.{on}.bias']
     hf_layers.encoder_from_nnx(p, f'{v}.encoder', 'image.encoder', img.depth, out)
-    out[f'{t}.embeddings.token_embedding.weight'] = p['text.tok']
-    out[f'{t}.embeddings.position_embedding.weight'] = p['text.pos']
-    hf_layers.encoder_from_nnx(p, f'{t}.encoder', 'text.encoder', txt.depth, out)
-    out[f'{t}.final_layer_norm.weight'] = p['text.ln.scale']
-    out[f'{t}.final_layer_norm.bias'] = p['text.ln.bias']
+    hf_layers.text_from_nnx(p, t, txt.depth, out)
     out['visual_projection.weight'] = linear_t(p['image_proj.kernel'])
     out['text_projection.weight'] = linear_t(p['text_proj.kernel'])
     out['logit_scale'] = np.asarray(p['logit_scale'], np.float32).reshape(())
-    act = {v: k for k, v in hf_layers.HF_ACTIVATIONS.items()}
     config = {
         'architectures': ['CLIPModel'],
         'model_type': 'clip',
         'projection_dim': int(model_config.embed_dim),
-        'vision_config': {
-            'hidden_size': img.width,
-            'intermediate_size': int(img.width * img.mlp_ratio),
-            'num_hidden_layers': img.depth,
-            'num_attention_heads': img.heads,
-            'image_size': img.image_size,
-            'patch_size': img.patch,
-            'num_channels': 3,
-            'hidden_act': act[img.get('activation', 'gelu_tanh')],
-            'layer_norm_eps': float(img.get('ln_eps', 1e-6)),
-        },
+        'vision_config': hf_layers.vision_config(img),
         'text_config': {
-            'vocab_size': txt.vocab_size,
-            'hidden_size': txt.width,
-            'intermediate_size': int(txt.width * txt.mlp_ratio),
-            'num_hidden_layers': txt.depth,
-            'num_attention_heads': txt.heads,
-            'max_position_embeddings': txt.context_length,
-            'hidden_act': act[txt.get('activation', 'gelu_tanh')],
-            'layer_norm_eps': float(txt.get('ln_eps', 1e-6)),
+            **hf_layers.text_config(txt),
             # 2 makes HF pool at the largest token id, our 'argmax'.
             'eos_token_id': 2,
             'pad_token_id': int(txt.pad_id),
@@ -161,14 +136,8 @@ def from_nnx(p: dict, model_config) -> tuple[dict, dict]:
 def architecture(arrays: dict, hf_config: dict) -> dict:
     """The model config (flat keys under config.model) of these weights: sizes + knobs."""
     del arrays
-    vision, text = hf_config.get('vision_config', {}), hf_config.get('text_config', {})
     return {
-        **hf_layers.tower_sizes(vision, 'image'),
-        'image.patch': vision['patch_size'],
-        'image.image_size': vision['image_size'],
-        **hf_layers.tower_sizes(text, 'text'),
-        'text.vocab_size': text['vocab_size'],
-        'text.context_length': text['max_position_embeddings'],
+        **hf_layers.towers_architecture(hf_config),
         'embed_dim': hf_config['projection_dim'],
         **knobs(hf_config),
     }

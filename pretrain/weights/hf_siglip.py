@@ -66,10 +66,7 @@ def to_nnx(arrays: dict, model_config) -> dict:
     hf_layers.layer_norm(src, f'{h}.layernorm', 'image.map.ln', out)
     hf_layers.linear(src, f'{h}.mlp.fc1', 'image.map.mlp.fc1', out)
     hf_layers.linear(src, f'{h}.mlp.fc2', 'image.map.mlp.fc2', out)
-    out['text.tok'] = src.get(f'{t}.embeddings.token_embedding.weight')
-    out['text.pos'] = src.get(f'{t}.embeddings.position_embedding.weight')
-    hf_layers.encoder_to_nnx(src, f'{t}.encoder', 'text.encoder', txt.depth, out)
-    hf_layers.layer_norm(src, f'{t}.final_layer_norm', 'text.ln', out)
+    hf_layers.text_to_nnx(src, t, txt.depth, out)
     hf_layers.linear(src, f'{t}.head', 'text_proj', out)
     out['logit_scale'] = apply(lambda a: a.reshape(()), src.get('logit_scale'))
     out['logit_bias'] = apply(lambda a: a.reshape(()), src.get('logit_bias'))
@@ -102,40 +99,18 @@ def from_nnx(p: dict, model_config) -> tuple[dict, dict]:
         out[f'{h}.{hn}.bias'] = p[f'image.map.{on}.bias']
     out[f'{h}.layernorm.weight'] = p['image.map.ln.scale']
     out[f'{h}.layernorm.bias'] = p['image.map.ln.bias']
-    out[f'{t}.embeddings.token_embedding.weight'] = p['text.tok']
-    out[f'{t}.embeddings.position_embedding.weight'] = p['text.pos']
-    hf_layers.encoder_from_nnx(p, f'{t}.encoder', 'text.encoder', txt.depth, out)
-    out[f'{t}.final_layer_norm.weight'] = p['text.ln.scale']
-    out[f'{t}.final_layer_norm.bias'] = p['text.ln.bias']
+    hf_layers.text_from_nnx(p, t, txt.depth, out)
     out[f'{t}.head.weight'] = linear_t(p['text_proj.kernel'])
     out[f'{t}.head.bias'] = p['text_proj.bias']
     out['logit_scale'] = np.asarray(p['logit_scale'], np.float32).reshape(1)
     out['logit_bias'] = np.asarray(p['logit_bias'], np.float32).reshape(1)
-    act = {v: k for k, v in hf_layers.HF_ACTIVATIONS.items()}
     config = {
         'architectures': ['SiglipModel'],
         'model_type': 'siglip',
-        'vision_config': {
-            'hidden_size': img.width,
-            'intermediate_size': int(img.width * img.mlp_ratio),
-            'num_hidden_layers': img.depth,
-            'num_attention_heads': img.heads,
-            'image_size': img.image_size,
-            'patch_size': img.patch,
-            'num_channels': 3,
-            'hidden_act': act[img.get('activation', 'gelu_tanh')],
-            'layer_norm_eps': float(img.get('ln_eps', 1e-6)),
-        },
+        'vision_config': hf_layers.vision_config(img),
         'text_config': {
-            'vocab_size': txt.vocab_size,
-            'hidden_size': txt.width,
-            'intermediate_size': int(txt.width * txt.mlp_ratio),
-            'num_hidden_layers': txt.depth,
-            'num_attention_heads': txt.heads,
-            'max_position_embeddings': txt.context_length,
+            **hf_layers.text_config(txt),
             'projection_size': int(model_config.embed_dim),
-            'hidden_act': act[txt.get('activation', 'gelu_tanh')],
-            'layer_norm_eps': float(txt.get('ln_eps', 1e-6)),
         },
     }
     return out, config
@@ -144,14 +119,9 @@ def from_nnx(p: dict, model_config) -> tuple[dict, dict]:
 def architecture(arrays: dict, hf_config: dict) -> dict:
     """The model config (flat keys under config.model) of these weights: sizes + knobs."""
     del arrays
-    vision, text = hf_config.get('vision_config', {}), hf_config.get('text_config', {})
+    text = hf_config.get('text_config', {})
     return {
-        **hf_layers.tower_sizes(vision, 'image'),
-        'image.patch': vision['patch_size'],
-        'image.image_size': vision['image_size'],
-        **hf_layers.tower_sizes(text, 'text'),
-        'text.vocab_size': text['vocab_size'],
-        'text.context_length': text['max_position_embeddings'],
+        **hf_layers.towers_architecture(hf_config),
         'embed_dim': text.get('projection_size', text['hidden_size']),
         **knobs(hf_config),
     }
