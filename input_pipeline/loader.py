@@ -205,8 +205,11 @@ class Loader:
     def _start(self, first_batch: int) -> Iterator[_Batch]:
         batches = grain.MapDataset.range(first_batch, first_batch + _HORIZON_BATCHES)
         batches = batches.map(self._build_batch)
+        # A batch is one pool task, so only as many threads work as batches may be in
+        # flight: the buffer is at least num_threads (grain warns otherwise).
         options = grain.ReadOptions(
-            num_threads=self.num_threads, prefetch_buffer_size=self.prefetch
+            num_threads=self.num_threads,
+            prefetch_buffer_size=max(self.prefetch, self.num_threads),
         )
         batches = batches.to_iter_dataset(options)
         if self.num_workers:
