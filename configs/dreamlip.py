@@ -24,7 +24,11 @@ def get_config(arg: str | None = None):
     # Shapes long captions have 2-4 sentences, so K=3 rarely repeats one; the paper uses 6+
     # sentences per real long caption. Byte tokens make the text tower the CPU cost: with
     # K=3 sub-captions of 96 tokens and raw captions cut to 64 (6.8% of shapes alt-texts
-    # truncated; sub-captions 3.5%) a step takes ~0.75 s on 2 cores, 400 steps ~5 min.
+    # truncated; sub-captions 3.5%) a step takes 0.80 s on 2 quiet cores (0.68 s at patch 16;
+    # benchmarks/train_step.py), 400 steps ~5.5 minutes with evaluation. The
+    # tiny model, optimizer and evaluation (patch 8, mean pooling, lr 2e-3, 'tokens' dense
+    # readout) are configs/clip.py's, so the ablation (benchmarks/ablation_dreamlip.py)
+    # compares objectives and captions only.
     config.input.num_subcaptions = 3 if tiny else 6
     config.input.subcaption_context_length = 96 if tiny else 77
     if tiny:

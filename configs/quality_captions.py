@@ -15,6 +15,8 @@ VARIANTS = clip.VARIANTS
 
 
 def get_config(arg: str | None = None):
+    # Model, optimizer, steps and evaluation: configs/clip.py's (tiny: patch 8, mean pooling,
+    # lr 2e-3), so this differs from CLIP only in its captions (ablation variant (b)).
     config = clip.get_config(arg)
     # Mostly the accurate rewritten caption, some raw alt-text: the paper finds a mix keeps
     # the alt-text's diversity while the rewritten captions carry the accurate content.

@@ -10,6 +10,7 @@ VARIANTS = clip.VARIANTS
 
 
 def get_config(arg: str | None = None):
+    # Tiny: configs/clip.py's model, optimizer and steps (patch 8, mean pooling, lr 2e-3).
     config = clip.get_config(arg)
     # SigLIP paper, section 3: t' = log 10 and b = -10 at init, so the initial loss is not
     # dominated by the many easy negatives.
