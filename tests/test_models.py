@@ -233,7 +233,8 @@ def test_image_text_model_outputs_unit_vectors_and_params_carry_axes():
     (zi, zt), aux = model(jnp.zeros((2, 64, 64, 3), jnp.uint8), jnp.ones((2, 80), jnp.int32))
     np.testing.assert_allclose(jnp.linalg.norm(zi, axis=-1), 1, rtol=1e-5)
     np.testing.assert_allclose(jnp.linalg.norm(zt, axis=-1), 1, rtol=1e-5)
-    assert aux['img/tokens'].shape == (2, 16, 128)
+    image = config.model.image  # one token per patch: (64 / patch)^2 of them
+    assert aux['img/tokens'].shape == (2, (64 // image.patch) ** 2, image.width)
     assert float(jnp.exp(model.logit_scale[...])) == pytest.approx(1 / 0.07, rel=1e-5)
     axes = model.image.encoder.blocks[0].mlp.fc1.kernel.get_metadata()['out_sharding']
     assert axes == ('embed', 'mlp')
