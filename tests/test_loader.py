@@ -60,6 +60,19 @@ def test_same_seed_same_batches_and_epochs_reshuffle():
     np.testing.assert_array_equal(plain, np.arange(N))
 
 
+def test_small_sources_cache_the_same_order_grain_gives(monkeypatch):
+    """The per-epoch permutation arrays of small sources are grain's order, unchanged."""
+    from input_pipeline import loader as loader_lib
+
+    cached = _loader(seed=3)
+    positions = range(0, 5 * N, 7)  # several epochs, out of order within the cache
+    got = [cached.source_index(p) for p in reversed(positions)][::-1]
+    monkeypatch.setattr(loader_lib, "_CACHED_ORDER_MAX_RECORDS", 0)  # grain lookups only
+    uncached = _loader(seed=3)
+    assert got == [uncached.source_index(p) for p in positions]
+    assert len(cached._order_cache) <= 2  # old epochs are dropped
+
+
 def test_resume_equals_uninterrupted_stream():
     reference = _take(_loader(prefetch=4), 7)
     first = _loader(prefetch=4)
