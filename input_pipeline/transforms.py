@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import io
 import math
 import zlib
@@ -378,6 +379,22 @@ def decode_crop(data: Any, box: Box, size: int | tuple[int, int], image_hw: tupl
     return crop_resize(image, taken, size), used
 
 
+def crop_to_size(value: Any, box_of, size: int, what: str) -> np.ndarray:
+    """An image (uint8 array or encoded bytes) -> the box `box_of(height, width)`
+    (original pixels) resized to `size`; encoded images are decoded only as large as
+    the box needs. `what` names the transform in errors."""
+    if isinstance(value, np.ndarray) and value.ndim == 3:
+        image = as_image(value, what)
+        box = scale_box(box_of(*image.shape[:2]), (1.0, 1.0), image.shape[:2])
+        return crop_resize(image, box, size)
+    try:
+        image_hw = image_size(value)
+        crop, _ = decode_crop(value, box_of(*image_hw), size, image_hw)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    return crop
+
+
 def check_crop_params(size, scale, ratio) -> None:
     if int(size) < 1:
         raise ValueError(f"size must be >= 1, got {size}")
@@ -432,17 +449,9 @@ class DecodeRandomResizedCrop(RandomTransform):
     def __call__(self, record: Record, rng: np.random.Generator) -> Record:
         what = f"DecodeRandomResizedCrop({self.key!r})"
         value = get_field(record, self.key, what)
-        if isinstance(value, np.ndarray) and value.ndim == 3:
-            image = as_image(value, what)
-            box = sample_crop_box(rng, *image.shape[:2], self.scale, self.ratio)
-            return {**record, self.key: crop_resize(image, box, self.size)}
-        try:
-            image_hw = image_size(value)
-            box = sample_crop_box(rng, *image_hw, self.scale, self.ratio)
-            crop, _ = decode_crop(value, box, self.size, image_hw)
-        except ValueError as e:
-            raise ValueError(f"{what}: {e}") from None
-        return {**record, self.key: crop}
+        # sample_crop_box gives integer boxes inside the image: scale_box keeps them as they are.
+        box_of = functools.partial(sample_crop_box, rng, scale=self.scale, ratio=self.ratio)
+        return {**record, self.key: crop_to_size(value, box_of, self.size, what)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,16 +482,7 @@ class DecodeResizeCenterCrop:
     def __call__(self, record: Record) -> Record:
         what = f"DecodeResizeCenterCrop({self.key!r})"
         value = get_field(record, self.key, what)
-        if isinstance(value, np.ndarray) and value.ndim == 3:
-            image = as_image(value, what)
-            box = scale_box(self.box(*image.shape[:2]), (1.0, 1.0), image.shape[:2])
-            return {**record, self.key: crop_resize(image, box, self.size)}
-        try:
-            image_hw = image_size(value)
-            crop, _ = decode_crop(value, self.box(*image_hw), self.size, image_hw)
-        except ValueError as e:
-            raise ValueError(f"{what}: {e}") from None
-        return {**record, self.key: crop}
+        return {**record, self.key: crop_to_size(value, self.box, self.size, what)}
 
 
 @dataclasses.dataclass(frozen=True)
