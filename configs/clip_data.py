@@ -26,7 +26,7 @@ measure nothing on real data).
 
 from ml_collections import ConfigDict
 
-from configs import common
+from configs import clip, common
 
 VARIANTS = ('jsonl', 'csv', 'webdataset', 'array_record', 'tfds', 'coco', 'mixture')
 
@@ -69,13 +69,7 @@ def get_config(arg: str | None = None):
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant '{variant}'; valid: {', '.join(VARIANTS)}")
     config = common.base_config(total_steps=20_000, batch_size=1024)
-    config.model = common.model_config(
-        image=common.vit_config('B', patch=16, image_size=224),
-        text=common.text_config('B', context_length=77),
-        embed_dim=512,
-        dtype='bfloat16',
-        remat='nothing_saveable',
-    )
+    config.model = clip.get_config('b16').model  # the model of the real-scale CLIP run
     config.optim = common.optim_config(lr=5e-4, warmup_steps=1_000, weight_decay=0.2)
     config.input = data_section(variant)
     config.checkpoint.every = 1_000
