@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from pretrain.objectives import compose
+from test_objectives import np_grad
 from pretrain.objectives.dreamlip import (
     DreamLip,
     grouping_loss,
@@ -132,22 +133,6 @@ def np_grouping(patch, sub, valid, scale, threshold, neg=None):
         np_logsumexp([logits[r, c] for r in idx if r == c or neg[r, c]]) - logits[c, c] for c in idx
     )
     return 0.5 * (g2t + t2g) / len(idx)
-
-
-def np_grad(f, args, h=1e-6):
-    """Central finite differences of f(*args) with respect to every argument."""
-    args = [np.array(a, dtype=np.float64) for a in args]
-    grads = []
-    for k, a in enumerate(args):
-        g = np.zeros_like(a)
-        for idx in np.ndindex(a.shape):
-            plus = [x.copy() for x in args]
-            minus = [x.copy() for x in args]
-            plus[k][idx] += h
-            minus[k][idx] -= h
-            g[idx] = (f(*plus) - f(*minus)) / (2 * h)
-        grads.append(g)
-    return grads
 
 
 # ----------------------------------------------------------------------------
