@@ -39,6 +39,8 @@ SHARDING_RULES = (
 
 # Byte-level tokenizer: 0 pad, 1 eos, 2..257 the bytes (input_pipeline/tokenizers.py).
 BYTE_VOCAB_SIZE = 258
+# The shapes byte-level BPE shipped with the input pipeline ('shapes_bpe'): 0 pad, 1 eos.
+SHAPES_BPE_VOCAB_SIZE = 1024
 
 
 def vit_config(size: str, *, patch: int, image_size: int, pool: str = 'cls') -> ConfigDict:
@@ -190,6 +192,7 @@ def shapes_input(
     num_subcaptions: int = 6,
     subcaption_context_length: int = 128,
     subcaption_fill: str = 'replace',
+    tokenizer: str = 'bytes',
 ) -> ConfigDict:
     """The `input` section for the shapes source (input_pipeline/pipeline.py reads it).
 
@@ -217,7 +220,7 @@ def shapes_input(
             subcaption_context_length=subcaption_context_length,
             subcaption_fill=subcaption_fill,
             context_length=context_length,
-            tokenizer='bytes',  # see real_input
+            tokenizer=tokenizer,  # 'bytes' or 'shapes_bpe' (no file); see real_input
             tokenizer_path='',
             max_objects=3,
             epoch_size=1_000_000,
@@ -434,9 +437,12 @@ def evals_config(
     num_train, num_val, num_test = probe_sizes
     return ConfigDict(
         dict(
+            # One object per scene, as in a classification set: in a scene of several the
+            # label (the largest object) is one of several right answers, which capped
+            # colour accuracy at ~70% for every model (benchmarks/results/...screens.md).
             zeroshot=dict(
                 kind='zeroshot',
-                **shapes,
+                **{**shapes, 'max_objects': 1},
                 num_examples=num_examples,
                 tasks=('class', 'shape', 'colour'),
                 templates=SHAPES_TEMPLATES,

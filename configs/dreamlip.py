@@ -30,9 +30,7 @@ def get_config(arg: str | None = None):
     # readout) are configs/clip.py's, so the ablation (benchmarks/ablation_dreamlip.py)
     # compares objectives and captions only.
     config.input.num_subcaptions = 3 if tiny else 6
-    config.input.subcaption_context_length = 96 if tiny else 77
-    if tiny:
-        config.input.context_length = 64
+    config.input.subcaption_context_length = 32 if tiny else 77
     config.model.text.context_length = max(
         config.model.text.context_length, config.input.subcaption_context_length
     )

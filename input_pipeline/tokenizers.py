@@ -1,10 +1,14 @@
 """Tokenizers: text -> fixed-length int32 token ids.
 
-Three kinds behind one interface (`make_tokenizer(kind, context_length, path)`):
+Four kinds behind one interface (`make_tokenizer(kind, context_length, path)`):
 
-    bytes          ByteTokenizer: UTF-8 bytes, no file needed (the default)
+    bytes          ByteTokenizer: UTF-8 bytes, no file needed (the real-data default)
     sentencepiece  SentencePieceTokenizer: a SentencePiece `.model` file
     hf             HFTokenizer: a Hugging Face `tokenizer.json` (the `tokenizers` library)
+    shapes_bpe     HFTokenizer of the byte-level BPE shipped in this package
+                   (shapes_bpe.json, 1,024 ids: 0 <pad>, 1 <eos>), trained on the embedded
+                   shapes captions (`python -m input_pipeline.sources.shapes
+                   --write_tokenizer PATH` rebuilds it); the shapes default
 
 Every tokenizer has `context_length`, `vocab_size`, `pad_id`, `eos_id`,
 `encode(text) -> list[int]` (EOS appended, not padded), `tokenize(text) -> (context_length,)
@@ -39,7 +43,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-KINDS = ("bytes", "sentencepiece", "hf")
+KINDS = ("bytes", "sentencepiece", "hf", "shapes_bpe")
+# Shapes captions are 7-14 of its tokens (bytes: 36-72) and a long-caption sentence at most
+# 24 (bytes: 132): a 3-6x shorter text tower, whose tokens are words, not letters.
+SHAPES_BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_bpe.json")
 
 
 def as_text(text: str | bytes) -> str:
@@ -314,6 +321,10 @@ def make_tokenizer(kind: str, context_length: int, path: str = ""):
         return ByteTokenizer(context_length)
     if kind not in KINDS:
         raise ValueError(f"unknown tokenizer {kind!r}; valid: {', '.join(KINDS)}")
+    if kind == "shapes_bpe":
+        if path:
+            raise ValueError(f"the 'shapes_bpe' tokenizer is built in, got tokenizer path {path!r}")
+        return HFTokenizer(SHAPES_BPE_PATH, context_length)
     if not path:
         what = "a SentencePiece .model file" if kind == "sentencepiece" else "a tokenizer.json"
         raise ValueError(f"the {kind!r} tokenizer needs a path to {what}")

@@ -93,6 +93,34 @@ def test_recall_at_k_matches_brute_force_with_chunks():
         rt.recall_at_k(np.ones((3, 2)), np.ones((2, 2)), np.array([0, 1]))
 
 
+def test_recall_at_k_counts_identical_captions_of_other_images_as_right():
+    # Images 0 and 2 have the same caption text (texts 0 and 2 are one vector): whichever of
+    # the two an image ranks first is right, and either image is right for that text.
+    rng = np.random.default_rng(3)
+    n = 12
+    img, txt = rng.normal(size=(n, 6)), rng.normal(size=(n, 6))
+    txt[2] = txt[0]
+    group = rt.caption_groups([('a',), ('b',), ('a',)] + [(str(i),) for i in range(3, n)])
+    assert group.tolist()[:4] == [0, 1, 0, 2]
+    for chunk in (1, 4, 100):
+        out = rt.recall_at_k(img, txt, np.arange(n), ks=(1, 3), chunk_size=chunk, image_group_n=group)
+        sims = img @ txt.T
+        for k in (1, 3):
+            # Brute force: a hit if any text (image) of the query's group is in the top k.
+            i2t = [group[i] in group[np.argsort(-sims[i])[:k]] for i in range(n)]
+            t2i = [group[j] in group[np.argsort(-sims[:, j])[:k]] for j in range(n)]
+            assert out[f'i2t_r{k}'] == pytest.approx(np.mean(i2t))
+            assert out[f't2i_r{k}'] == pytest.approx(np.mean(t2i))
+    # Without groups the twins' captions tie and count against each other.
+    strict = rt.recall_at_k(np.eye(3), np.array([[1.0, 0, 0], [0, 1, 0], [1, 0, 0]]), np.arange(3), ks=(1,))
+    assert strict['i2t_r1'] == pytest.approx(1 / 3)
+    grouped = rt.recall_at_k(
+        np.eye(3), np.array([[1.0, 0, 0], [0, 1, 0], [1, 0, 0]]), np.arange(3), ks=(1,),
+        image_group_n=rt.caption_groups([('x',), ('y',), ('x',)]),
+    )
+    assert grouped['i2t_r1'] == pytest.approx(2 / 3)  # image 2 (axis 2) matches no text
+
+
 def np_ridge_predict(xtr, ytr, x, lam, num_classes):
     """Ridge as least squares on the augmented system [Xc/sqrt(n); sqrt(lam s) I]."""
     xtr = xtr.astype(np.float64)
@@ -280,7 +308,13 @@ def test_build_evaluators_from_the_tiny_clip_config():
         ('zeroshot', 'ZeroShot'),
     ]
     for e in evaluators:  # None in the section -> the training input's values
-        assert (e.config.image_size, e.config.context_length, e.config.max_objects) == (64, 80, 3)
+        # Zero-shot classifies one-object scenes (a classification set); the rest see 1-3.
+        objects = 1 if e.name == 'zeroshot' else 3
+        assert (e.config.image_size, e.config.context_length, e.config.max_objects) == (
+            64,
+            32,
+            objects,
+        )
     assert config.eval_every > 0 and clip.get_config('b16').evals.zeroshot.num_examples > 512
     with config.unlocked():
         config.evals.retrieval.kind = 'retreival'

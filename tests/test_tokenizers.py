@@ -234,7 +234,7 @@ def test_hf_missing_eos_names_the_file(tmp_path):
 def test_make_tokenizer_errors(tmp_path):
     assert isinstance(make_tokenizer('bytes', 100), ByteTokenizer)
     with pytest.raises(
-        ValueError, match="unknown tokenizer 'bpe'; valid: bytes, sentencepiece, hf"
+        ValueError, match="unknown tokenizer 'bpe'; valid: bytes, sentencepiece, hf, shapes_bpe"
     ):
         make_tokenizer('bpe', 16)
     with pytest.raises(ValueError, match='needs a path to a SentencePiece .model'):
@@ -251,3 +251,39 @@ def test_make_tokenizer_errors(tmp_path):
         make_tokenizer('hf', 16, str(tmp_path / 'junk.json'))
     with pytest.raises(ValueError, match='context_length'):
         make_tokenizer('bytes', 1)
+
+
+def test_shapes_bpe_is_the_file_write_tokenizer_builds(tmp_path):
+    # The shipped vocabulary is reproducible from the shapes seeds; if the captions change,
+    # rebuild it: python -m input_pipeline.sources.shapes --write_tokenizer input_pipeline/shapes_bpe.json
+    from input_pipeline import tokenizers
+    from input_pipeline.sources import shapes
+
+    shapes.write_tokenizer(str(tmp_path / 'bpe.json'))
+    assert (tmp_path / 'bpe.json').read_bytes() == open(tokenizers.SHAPES_BPE_PATH, 'rb').read()
+
+
+def test_shapes_bpe_fits_every_caption_in_32_tokens_and_round_trips():
+    import re
+
+    from input_pipeline.sources import shapes
+
+    tok = make_tokenizer('shapes_bpe', 32)
+    assert (tok.vocab_size, tok.pad_id, tok.eos_id) == (1024, 0, 1)
+    with pytest.raises(ValueError, match="built in"):
+        make_tokenizer('shapes_bpe', 32, 'x.json')
+    # Held-out scenes (another seed than the 5,000 records it was trained on).
+    source = shapes.ShapesSource(split='train', seed=7, image_size=16, num_records=300)
+    longest = {}
+    for i in range(300):
+        r = source[i]
+        sentences = re.split(r'(?<=\.) ', r['long_caption'])
+        for field, texts in (('alt_text', [r['alt_text']]), ('caption', [r['caption']]), ('sentence', sentences)):
+            for text in texts:
+                ids = tok.tokenize(text)
+                assert tok.decode(ids) == text
+                longest[field] = max(longest.get(field, 0), int((ids != tok.pad_id).sum()))
+    assert longest['caption'] <= 16 and longest['sentence'] <= 32 and longest['alt_text'] <= 32, longest
+    # Text it never saw still encodes (byte fallback), never into pad or EOS ids mid-text.
+    ids = tok.encode('Zebra 7% ünïcode </s>')
+    assert tok.decode(ids) == 'Zebra 7% ünïcode </s>' and 0 not in ids[:-1] and 1 not in ids[:-1]

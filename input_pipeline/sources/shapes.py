@@ -674,6 +674,39 @@ def _box(mask: np.ndarray) -> np.ndarray:
     return np.array([cols[0], rows[0], cols[-1] + 1 - cols[0], rows[-1] + 1 - rows[0]], np.float32)
 
 
+# The shapes BPE (input_pipeline/shapes_bpe.json, tokenizer kind 'shapes_bpe') is trained on
+# these many train records' three caption fields. Byte-level BPE as CLIP's and GPT-2's: any
+# text still encodes (alt-text junk such as "IMG_1059.jpg" falls back to pieces and bytes).
+TOKENIZER_VOCAB_SIZE = 1024
+TOKENIZER_RECORDS = 5000
+
+
+def write_tokenizer(
+    path: str, vocab_size: int = TOKENIZER_VOCAB_SIZE, num_records: int = TOKENIZER_RECORDS
+) -> None:
+    """Train the shapes byte-level BPE with the `tokenizers` library and save it to `path`.
+
+    Deterministic: the same records give the same merges. Ids 0 and 1 are <pad> and <eos>.
+    """
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    source = ShapesSource(split="train", image_size=64, num_records=num_records)
+    fields = ("alt_text", "caption", "long_caption")
+    texts = [source[i][f] for i in range(num_records) for f in fields]
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.save(path)
+
+
 def _benchmark(n: int, image_size: int) -> float:
     source = ShapesSource(image_size=image_size)
     source[0]  # warm up numpy's first-call paths
@@ -688,7 +721,15 @@ if __name__ == "__main__":
     parser.add_argument("--bench", action="store_true", help="measure images/s on one core")
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument(
+        "--write_tokenizer",
+        metavar="PATH",
+        help="train the shapes BPE and write it (input_pipeline/shapes_bpe.json is this)",
+    )
     args = parser.parse_args()
+    if args.write_tokenizer:
+        write_tokenizer(args.write_tokenizer)
+        print(f"wrote {args.write_tokenizer}")
     if args.bench:
         print(
             f"{_benchmark(args.n, args.image_size):.0f} images/s at {args.image_size} px, one core"
