@@ -11,6 +11,8 @@ data; the sub-caption variants cost more per step, and the table says how much):
   (b) clip_quality      CLIP on rewritten captions           configs/quality_captions.py
   (c) clip_multipos     (a) + multi-positive sub-captions    configs/dreamlip.py, grouping_weight=0
   (d) dreamlip          (c) + sub-caption grouping           configs/dreamlip.py
+  (e) clip_caption      CLIP on the accurate captions only   configs/clip.py (issue 5's
+                        proof-of-learning recipe: what clean captions alone reach)
 
 Each variant runs `python -m pretrain.main` in its own process (the product's entry point,
 allocator and evaluators), in <workdir>/<variant>; a workdir that already finished is read
@@ -45,6 +47,7 @@ VARIANTS = {
         ['--config.objectives.dreamlip.grouping_weight=0.0'],
     ),
     'd': ('dreamlip', 'configs/dreamlip.py', []),
+    'e': ('clip_caption', 'configs/clip.py', []),
 }
 # (metric key in metrics.jsonl, column title); multiplied by 100 in the table.
 COLUMNS = (
@@ -113,7 +116,7 @@ def markdown(results: dict, steps: int | None) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--steps', type=int, default=None, help='total steps (default: config)')
-    parser.add_argument('--only', default='a,b,c,d', help='comma-separated variants to run')
+    parser.add_argument('--only', default='a,b,c,d,e', help='comma-separated variants to run')
     parser.add_argument('--workdir', default='/tmp/ablation_dreamlip')
     parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks/results/ablation_dreamlip'))
     args, extra = parser.parse_known_args(argv)

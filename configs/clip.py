@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
         # alt-text and long-caption sentence fits 32 tokens (bytes needed 80-132), the text
         # tower is 2.5x shorter and its tokens are words. CLIP, 400 steps, one core: 4.1 vs
         # 5.4 minutes, zero-shot 33.8 vs 25.6, shape 23.6 vs 19.1, i->t R@1 35.7 vs 28.9.
-        config = common.base_config(total_steps=400, batch_size=128)
+        config = common.base_config(total_steps=800, batch_size=128)
         config.model = common.model_config(
             image=common.vit_config('mu', patch=8, image_size=64, pool='mean'),
             text=common.text_config(
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
             image_size=64, context_length=32, tokenizer='shapes_bpe'
         )
         # The four evaluators: ~5.5 s on 2 cores the first time (render + compile), ~1.8 s after.
-        config.eval_every = 200
+        config.eval_every = 400
         config.evals = common.evals_config()
         # With mean pooling the final tokens are what the global embedding averages: read
         # them (DESIGN.md: the value path only carries the signal under CLS pooling).
