@@ -264,6 +264,8 @@ def _config(**input_overrides):
     # Pinned here, not read from the recipe, so these tests keep their meaning when the
     # DreamLIP config is retuned: K=6 > the 2-4 sentences of a shapes long caption.
     config.input.caption_field = "caption"
+    config.input.tokenizer = "bytes"  # the checks below decode with ByteTokenizer
+    config.input.context_length = 128
     config.input.num_subcaptions = 6
     config.input.subcaption_context_length = 128
     config.input.image_size = 16

@@ -81,7 +81,7 @@ def run(evaluator, model):
 
 def tiny_config(evals: dict):
     config = clip.get_config('tiny')
-    config.input.update(image_size=32, context_length=CONTEXT)
+    config.input.update(image_size=32, context_length=CONTEXT, tokenizer='bytes')
     config.evals = evals
     return config
 

@@ -168,10 +168,11 @@ def test_state_shardings_on_2x2x2(tiny_abstract):
     assert len(both) >= 8, both
 
 
-def test_state_shardings_fall_back_to_replication(tiny_abstract):
-    config, abstract = tiny_abstract
-    # tensor=4 does not divide the 258-token vocabulary: that dimension is replicated, the
-    # embedding dimension stays split over fsdp. The 32-wide kernels still split 4-way.
+def test_state_shardings_fall_back_to_replication():
+    config = tiny_config('--config.input.tokenizer=bytes', '--config.model.text.vocab_size=258')
+    abstract = abstract_train_state(config)
+    # tensor=4 does not divide the 258-token byte vocabulary: that dimension is replicated,
+    # the embedding dimension stays split over fsdp. The 32-wide kernels still split 4-way.
     specs = specs_by_name(
         sharding.state_shardings(abstract, abstract_mesh((1, 2, 4)), config.mesh.rules)
     )
@@ -324,7 +325,7 @@ def test_parameters_are_sharded_on_devices(runs):
     assert got['image/encoder/blocks/0/mlp/fc1/kernel']['shard_shape'] == [16, 64]
     assert got['image/encoder/blocks/0/mlp/fc1/kernel']['spec'][:2] == ['fsdp', 'tensor']
     assert got['image/encoder/blocks/0/attn/out/kernel']['shard_shape'] == [16, 16]
-    assert got['text/tok']['shard_shape'] == [129, 16]
+    assert got['text/tok']['shard_shape'] == [512, 16]  # 1,024 shapes BPE ids / tensor 2
     assert got['image/encoder/blocks/0/ln1/scale']['shard_shape'] == [32]  # replicated
     assert got['logit_scale']['shard_shape'] == []
     # data=8 alone shards no parameter (pure data parallelism).
