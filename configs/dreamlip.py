@@ -22,13 +22,12 @@ def get_config(arg: str | None = None):
     config.input.caption_field = 'alt_text'
     config.input.subcaption_field = 'long_caption'
     # Shapes long captions have 2-4 sentences, so K=3 rarely repeats one; the paper uses 6+
-    # sentences per real long caption. Byte tokens make the text tower the CPU cost: with
-    # K=3 sub-captions of 96 tokens and raw captions cut to 64 (6.8% of shapes alt-texts
-    # truncated; sub-captions 3.5%) a step takes 0.80 s on 2 quiet cores (0.68 s at patch 16;
-    # benchmarks/train_step.py), 400 steps ~5.5 minutes with evaluation. The
-    # tiny model, optimizer and evaluation (patch 8, mean pooling, lr 2e-3, 'tokens' dense
-    # readout) are configs/clip.py's, so the ablation (benchmarks/ablation_dreamlip.py)
-    # compares objectives and captions only.
+    # sentences per real long caption. With the shapes BPE every sentence fits 32 tokens
+    # (bytes needed 96-132), so the 1 + K texts per image cost about as much as the image
+    # tower: a step is ~1.5x a CLIP step (benchmarks/results/ablation_dreamlip.md). The
+    # tiny model, optimizer, steps and evaluation (patch 8, mean pooling, lr 2e-3, 800
+    # steps, 'tokens' dense readout) are configs/clip.py's, so the ablation
+    # (benchmarks/ablation_dreamlip.py) compares objectives and captions only.
     config.input.num_subcaptions = 3 if tiny else 6
     config.input.subcaption_context_length = 32 if tiny else 77
     config.model.text.context_length = max(
