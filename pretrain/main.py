@@ -14,15 +14,23 @@ import logging
 import os
 import sys
 
-# XLA's CPU step allocates ~2 GB of temporaries that glibc maps and unmaps every step; with
-# 4 KB pages that is ~540k page faults per step, 30-45% of a CPU step. hugetlb=1 backs them
-# with transparent huge pages (~1.2k faults); the thresholds keep smaller buffers off mmap.
-# No extra package is needed (measured in benchmarks/README.md: ViT-Ti step 1.45 s -> 1.00 s).
-# Tunables only take effect at process start, hence the re-exec below;
-# PRETRAIN_MALLOC=system keeps the process as it is.
+# XLA's CPU step allocates its temporaries as one buffer (1.9 GB for the ViT-Ti CLIP step) from
+# a worker thread, and frees it at the end of the step. glibc serves that thread from a
+# per-thread arena, which cannot hold more than 64 MB, so the buffer is mmap'ed and unmapped
+# every step and its pages are faulted in and zeroed afresh: ~540k 4 KB faults, 30-45% of a
+# CPU step. The tunables below, measured in benchmarks/README.md:
+# - arena_max=1: every thread allocates from the main heap, where a freed block is kept and
+#   reused: no page faults in steady state (ViT-Ti step on one core 1.54 -> 1.40 s, tiny CLIP
+#   training 0.62 -> 0.48 s/step). A cost: the heap may once grow by another temp buffer when
+#   a small allocation splits the freed one (seen in about half the runs: one ~3 s step,
+#   +1.9 GB resident for ViT-Ti);
+# - mmap/trim thresholds of 4 GB: large blocks come from, and stay in, that heap;
+# - hugetlb=1: transparent huge pages for the heap (fewer TLB misses, 2 MB faults when it grows).
+# No extra package is needed. Tunables only take effect at process start, hence the re-exec
+# below; PRETRAIN_MALLOC=system keeps the process as it is.
 GLIBC_TUNABLES = (
     'glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4294967296:'
-    'glibc.malloc.trim_threshold=4294967296'
+    'glibc.malloc.trim_threshold=4294967296:glibc.malloc.arena_max=1'
 )
 _REEXEC_MARK = 'PRETRAIN_MALLOC_SET'
 

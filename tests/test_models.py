@@ -230,7 +230,7 @@ def test_image_text_model_outputs_unit_vectors_and_params_carry_axes():
     config = clip.get_config()
     with nnx.use_eager_sharding(False):
         model = ImageTextModel(config.model, rngs=nnx.Rngs(0))
-    (zi, zt), aux = model(jnp.zeros((2, 64, 64, 3), jnp.uint8), jnp.ones((2, 80), jnp.int32))
+    (zi, zt), aux = model(jnp.zeros((2, 64, 64, 3), jnp.uint8), jnp.ones((2, 32), jnp.int32))
     np.testing.assert_allclose(jnp.linalg.norm(zi, axis=-1), 1, rtol=1e-5)
     np.testing.assert_allclose(jnp.linalg.norm(zt, axis=-1), 1, rtol=1e-5)
     image = config.model.image  # one token per patch: (64 / patch)^2 of them
@@ -256,3 +256,27 @@ def test_remat_gives_the_same_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g0, g1)
     with pytest.raises(ValueError, match='unknown remat policy'):
         layers.remat_policy('everything')
+
+
+@pytest.mark.parametrize('d_in,d_out', [(24, 8), (8, 24)])
+def test_dense_matmul_gradients_match_autodiff(d_in, d_out):
+    # layers.matmul writes the CPU weight gradient as (dy^T x)^T when d_in > d_out.
+    x = jax.random.normal(jax.random.key(0), (32, d_in))
+    w = jax.random.normal(jax.random.key(1), (d_in, d_out))
+    loss = lambda mm: lambda x, w: jnp.sum(jnp.sin(mm(x, w)))
+    got = jax.jit(jax.grad(loss(layers.matmul), argnums=(0, 1)))(x, w)
+    want = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_attention_in_batch_chunks_matches_whole_batch(causal):
+    # Attention on CPU runs in batch chunks (layers.Attention); padding masks are per example.
+    qkv = jax.random.normal(jax.random.key(0), (4, 5, 3, 2, 8))
+    valid = jnp.arange(5)[None, :] < jnp.array([5, 3, 1, 4])[:, None]
+    pairs = valid[:, None, :, None] & valid[:, None, None, :]
+    mask = None if causal else pairs | jnp.eye(5, dtype=bool)
+    whole = layers.attention_heads_first(qkv, mask=mask, is_causal=causal)
+    chunked = layers.attention_heads_first(qkv, mask=mask, is_causal=causal, chunks=2)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)

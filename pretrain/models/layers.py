@@ -23,6 +23,41 @@ def param(rngs: nnx.Rngs, init, shape, axes, dtype=jnp.float32) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes)
 
 
+@jax.custom_vjp
+def _matmul_wide_rhs_grad(x_nd, w_df):
+    return x_nd @ w_df
+
+
+def _matmul_fwd(x_nd, w_df):
+    return x_nd @ w_df, (x_nd, w_df)
+
+
+def _matmul_bwd(res, dy_nf):
+    x_nd, w_df = res
+    # The barrier stops XLA folding the transpose back into the dot (it would turn
+    # (dy^T x)^T into x^T dy again); transposing the small (f, d) result costs nothing.
+    dw_fd = jax.lax.optimization_barrier(dy_nf.T @ x_nd)
+    return dy_nf @ w_df.T, dw_fd.T
+
+
+_matmul_wide_rhs_grad.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x_nd, w_df):
+    """x @ w for (N, d) x (d, f), with a CPU-friendly weight gradient when d > f.
+
+    XLA on CPU computes the weight gradient x^T dy as one Eigen dot contracting the
+    N = B*T rows (YNNPACK does not take that form). Eigen runs it much faster when the
+    narrower operand is on the left: for the MLP's fc2 (768 -> 192, N = 8192) x^T dy ran at
+    ~150 GFLOP/s on one core and (dy^T x)^T at ~220. XLA canonicalises the operand order
+    itself, so for d > f the gradient is written as (dy^T x)^T with a barrier. ViT-Ti CLIP
+    step -3% (benchmarks/README.md). Elsewhere plain autodiff.
+    """
+    if jax.default_backend() == 'cpu' and w_df.shape[0] > w_df.shape[1]:
+        return _matmul_wide_rhs_grad(x_nd, w_df)
+    return x_nd @ w_df
+
+
 class Dense(nnx.Module):
     """y = x @ W + b, computed as one 2D matmul over all leading axes.
 
@@ -47,7 +82,8 @@ class Dense(nnx.Module):
 
     def __call__(self, x):
         lead = x.shape[:-1]
-        y = x.reshape(-1, x.shape[-1]).astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        x_nd = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = matmul(x_nd, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y.reshape(*lead, y.shape[-1])
@@ -70,14 +106,25 @@ class LayerNorm(nnx.Module):
         return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
 
 
-def attention_heads_first(qkv_bt3hk, *, mask=None, is_causal: bool = False):
+def attention_heads_first(qkv_bt3hk, *, mask=None, is_causal: bool = False, chunks: int = 1):
     """Softmax attention with heads before tokens, as plain einsums (the CPU path).
 
     On CPU, `jax.nn.dot_product_attention`'s (B, T, H, K) layout makes XLA's small batched
     matmuls about 2x slower than this (B, H, T, K) one: the whole ViT-Ti train step is
     6-8% faster (benchmarks/README.md). On GPU the library call is kept for cuDNN flash.
+
+    `chunks` > 1 computes it for that many contiguous slices of the batch, one after the
+    other (same arithmetic per example).
     """
     b, t, _, h, k = qkv_bt3hk.shape
+    if chunks > 1 and b % chunks == 0:
+        per_example = mask is not None and mask.ndim == 4 and mask.shape[0] == b
+        masks = jnp.split(mask, chunks) if per_example else [mask] * chunks
+        parts = [
+            attention_heads_first(x, mask=m, is_causal=is_causal)
+            for x, m in zip(jnp.split(qkv_bt3hk, chunks), masks)
+        ]
+        return jnp.concatenate(parts)
     q, kk, v = qkv_bt3hk.transpose(2, 0, 3, 1, 4)  # each (B, H, T, K)
     logits = jnp.einsum('bhqk,bhsk->bhqs', q * (k**-0.5), kk)
     if is_causal:
@@ -110,7 +157,13 @@ class Attention(nnx.Module):
         b, t, d = x_btd.shape
         qkv = self.qkv(x_btd).reshape(b, t, 3, self.heads, d // self.heads)
         if jax.default_backend() == 'cpu':
-            return self.out(attention_heads_first(qkv, mask=mask, is_causal=is_causal))
+            # 8 batch chunks keep each chunk's (B/8, H, T, T) scores (0.8 MB for ViT-Ti) in
+            # L2 and give XLA independent ops: ViT-Ti CLIP step -3% on one core
+            # (benchmarks/README.md). Only on one device: slicing a batch sharded over
+            # devices would move rows between them.
+            chunks = 8 if jax.device_count() == 1 else 1
+            y = attention_heads_first(qkv, mask=mask, is_causal=is_causal, chunks=chunks)
+            return self.out(y)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         y_bthk = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
         return self.out(y_bthk.reshape(b, t, d))
