@@ -31,7 +31,8 @@ def trained_metrics(python, spec: str, overrides: list[str], workdir: str) -> di
     """Trains with the product's entry point; returns the final evaluation row."""
     python(
         ['-m', 'pretrain.main', '--config', spec, '--workdir', workdir, '--config.progress=false']
-        + overrides
+        + overrides,
+        timeout=1800,  # an 800-step DreamLIP run takes ~10 minutes on one busy core
     )
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
         rows = [json.loads(line) for line in f]
