@@ -32,25 +32,22 @@ def image_to_text_ranks(img_nd, txt_td, txt_image_t, *, chunk_size: int, image_g
     image its own group). Ties count against the image (a constant model ranks last).
     """
     group_n = _groups(image_group_n, len(img_nd))
-    txt_group_t = group_n[np.asarray(txt_image_t)]
-    ranks = np.empty(len(img_nd), np.int64)
-    for s in range(0, len(img_nd), chunk_size):
-        sims = img_nd[s : s + chunk_size] @ txt_td.T  # (c, T)
-        own = txt_group_t[None, :] == group_n[s : s + len(sims), None]
-        best = np.where(own, sims, -np.inf).max(1)
-        ranks[s : s + len(sims)] = ((sims >= best[:, None]) & ~own).sum(1)
-    return ranks
+    return _ranks(img_nd, txt_td, group_n, group_n[np.asarray(txt_image_t)], chunk_size)
 
 
 def text_to_image_ranks(img_nd, txt_td, txt_image_t, *, chunk_size: int, image_group_n=None):
     """(T,) rank of each caption's best-scoring own image (any image of its image's group)
     among the other images (ties count against)."""
     group_n = _groups(image_group_n, len(img_nd))
-    txt_group_t = group_n[np.asarray(txt_image_t)]
-    ranks = np.empty(len(txt_td), np.int64)
-    for s in range(0, len(txt_td), chunk_size):
-        sims = txt_td[s : s + chunk_size] @ img_nd.T  # (c, N)
-        own = group_n[None, :] == txt_group_t[s : s + len(sims), None]
+    return _ranks(txt_td, img_nd, group_n[np.asarray(txt_image_t)], group_n, chunk_size)
+
+
+def _ranks(query_qd, key_kd, query_group_q, key_group_k, chunk_size: int) -> np.ndarray:
+    """(Q,) number of keys of other groups that score at least the query's best own key."""
+    ranks = np.empty(len(query_qd), np.int64)
+    for s in range(0, len(query_qd), chunk_size):
+        sims = query_qd[s : s + chunk_size] @ key_kd.T  # (c, K)
+        own = key_group_k[None, :] == query_group_q[s : s + len(sims), None]
         best = np.where(own, sims, -np.inf).max(1)
         ranks[s : s + len(sims)] = ((sims >= best[:, None]) & ~own).sum(1)
     return ranks
