@@ -3,16 +3,22 @@
     python -m benchmarks.ablation_dreamlip [--steps N] [--only a,d] [--workdir DIR] \
         [--out benchmarks/results/ablation_dreamlip] [--config.k=v ...]
 
-Trains four variants with the same seed, data order, model, optimizer and number of steps
+Trains seven variants with the same seed, data order, model, optimizer and number of steps
 (the "same CPU budget" of issue 6 is counted in steps of the same batch size, i.e. equal
 data; the sub-caption variants cost more per step, and the table says how much):
 
   (a) clip_alt_text     CLIP on the noisy alt-text           configs/clip.py, caption_field=alt_text
   (b) clip_quality      CLIP on rewritten captions           configs/quality_captions.py
-  (c) clip_multipos     (a) + multi-positive sub-captions    configs/dreamlip.py, grouping_weight=0
-  (d) dreamlip          (c) + sub-caption grouping           configs/dreamlip.py
-  (e) clip_caption      CLIP on the accurate captions only   configs/clip.py (issue 5's
-                        proof-of-learning recipe: what clean captions alone reach)
+  (e) clip_caption      CLIP on the short accurate captions  configs/clip.py
+  (c) clip_multipos     (e) + multi-positive sub-captions    configs/dreamlip.py, grouping_weight=0
+  (d) dreamlip          (c) + sub-caption grouping           configs/dreamlip.py (the default)
+  (f) dreamlip_alt_text (d) with the alt-text as the global  configs/dreamlip.py,
+                        caption (the short caption stays out) caption_field=alt_text
+  (g) dreamlip_alt_w1   (f) with multi-positive and grouping  configs/dreamlip.py, alt_text,
+                        at weight 1, the paper's equal terms   multipos/grouping_weight=1
+
+(e) -> (c) -> (d) adds one DreamLIP term at a time on the same short captions; (a) vs (d) is
+the papers' comparison (CLIP on web alt-text vs DreamLIP on MLLM captions of the same images).
 
 Each variant runs `python -m pretrain.main` in its own process (the product's entry point,
 allocator and evaluators), in <workdir>/<variant>; a workdir that already finished is read
@@ -48,6 +54,16 @@ VARIANTS = {
     ),
     'd': ('dreamlip', 'configs/dreamlip.py', []),
     'e': ('clip_caption', 'configs/clip.py', []),
+    'f': ('dreamlip_alt_text', 'configs/dreamlip.py', ['--config.input.caption_field=alt_text']),
+    'g': (
+        'dreamlip_alt_w1',
+        'configs/dreamlip.py',
+        [
+            '--config.input.caption_field=alt_text',
+            '--config.objectives.dreamlip.multipos_weight=1.0',
+            '--config.objectives.dreamlip.grouping_weight=1.0',
+        ],
+    ),
 }
 # (metric key in metrics.jsonl, column title); multiplied by 100 in the table.
 COLUMNS = (
@@ -116,7 +132,7 @@ def markdown(results: dict, steps: int | None) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--steps', type=int, default=None, help='total steps (default: config)')
-    parser.add_argument('--only', default='a,b,c,d,e', help='comma-separated variants to run')
+    parser.add_argument('--only', default='a,b,c,d,e,f,g', help='comma-separated variants to run')
     parser.add_argument('--workdir', default='/tmp/ablation_dreamlip')
     parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks/results/ablation_dreamlip'))
     args, extra = parser.parse_known_args(argv)
