@@ -32,7 +32,7 @@ def trained_metrics(python, spec: str, overrides: list[str], workdir: str) -> di
     python(
         ['-m', 'pretrain.main', '--config', spec, '--workdir', workdir, '--config.progress=false']
         + overrides,
-        timeout=1800,  # an 800-step DreamLIP run takes ~10 minutes on one busy core
+        timeout=1800,  # the 1,200-step DreamLIP run takes ~15 minutes on one busy core
     )
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
         rows = [json.loads(line) for line in f]
@@ -78,7 +78,7 @@ def test_very_short_default_run_beats_random_init(python, tmp_path):
     )
 
 
-# Margins for the configs' default runs (800 steps), about half of what they gained over
+# Margins for the configs' default runs (clip 800 steps, dreamlip 1,200), about half of what they gained over
 # random init or less; the trained figures are variants (e) and (d) of
 # benchmarks/ablation_dreamlip.py (same command and seed; results/ablation_dreamlip.md).
 # Random init scores ~2% zero-shot (48 classes), ~0.2-1% R@1, probe ~20% (colour is linear
