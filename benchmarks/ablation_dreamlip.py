@@ -131,7 +131,7 @@ def markdown(results: dict, steps: int | None) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    # 800: the CLIP recipes' default; configs/dreamlip.py alone trains 1,200 by default.
+    # 800: the CLIP recipes' default; configs/dreamlip.py alone trains 1,600 by default.
     parser.add_argument('--steps', type=int, default=800, help='total steps of every variant')
     parser.add_argument('--only', default='a,b,c,d,e,f,g', help='comma-separated variants to run')
     parser.add_argument('--workdir', default='/tmp/ablation_dreamlip')
