@@ -112,7 +112,7 @@ def train(config: str, overrides: list[str], workdir: str) -> float:
     return time.perf_counter() - start
 
 
-def markdown(results: dict, steps: int | None) -> str:
+def markdown(results: dict) -> str:
     head = '| variant | ' + ' | '.join(title for _, title in COLUMNS) + ' | s/step |'
     lines = [head, '|' + '---|' * (len(COLUMNS) + 2)]
     for key, r in sorted(results.items()):
@@ -177,7 +177,7 @@ def main(argv=None):
             flush=True,
         )
         write(args.out, args.steps, results)  # after every variant: a long run stays readable
-    print(markdown(results, args.steps))
+    print(markdown(results))
 
 
 def write(out: str, steps: int | None, results: dict):
@@ -185,7 +185,7 @@ def write(out: str, steps: int | None, results: dict):
     with open(out + '.json', 'w') as f:
         json.dump({'steps': steps, 'host': platform.node(), 'variants': results}, f, indent=2)
     with open(out + '.md', 'w') as f:
-        f.write(markdown(results, steps))
+        f.write(markdown(results))
 
 
 if __name__ == '__main__':
