@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step --config configs/clip.py [--config.k=v ...] \
         [--steps 10] [--warmup 2] [--out benchmarks/results/train_step_cpu.json] \
-        [--compare_malloc] [--breakdown]
+        [--compare_malloc] [--breakdown] [--profile_steps 3 [--profile_dir DIR]]
 
 The model, objective, train state and jitted step are built as `pretrain.train.run` builds
 them (same mesh, shardings, donation and pinned output shardings); only the batches differ:
@@ -21,7 +21,9 @@ What is measured, all written to --out as JSON (see benchmarks/README.md):
 - MFU = analytic FLOPs / median step / peak, the peak from pretrain.flops (on CPU the
   2048^3 f32 matmul rate, measured here, before and after the steps; the higher is used);
 - XLA's buffer sizes (memory_analysis) and the process's peak resident memory;
-- device, jax/flax versions, the resolved config and the allocator in force.
+- device, jax/flax versions, the resolved config and the allocator in force;
+- with --profile_steps N: N more steps under `jax.profiler.trace`, and the trace's top ops
+  per step (benchmarks/trace_summary.py).
 
 The allocator is the product's: `pretrain.main.ensure_fast_malloc()` re-executes the process
 with GLIBC_TUNABLES unless PRETRAIN_MALLOC=system. `--compare_malloc` reruns the same
@@ -70,6 +72,15 @@ def parse_args(argv):
         help='also time the forward pass and forward+backward without the update',
     )
     parser.add_argument('--label', default='', help='free text stored in the JSON')
+    parser.add_argument(
+        '--profile_steps',
+        type=int,
+        default=0,
+        help='trace this many more steps with jax.profiler and record the top ops',
+    )
+    parser.add_argument(
+        '--profile_dir', default='', help='keep the trace here (default: a temporary folder)'
+    )
     args, overrides = config_cli.parse_args(parser, argv)
     if args.steps < 1 or args.warmup < 1:
         parser.error('--steps and --warmup must be >= 1')
@@ -342,6 +353,19 @@ def breakdown(graphdef, objective, state, batch, mesh, *, steps: int, warmup: in
     return out
 
 
+def profile_steps(one_step, args) -> dict:
+    """Runs --profile_steps steps under jax.profiler.trace; the trace's top ops per step."""
+    import jax
+    from benchmarks import trace_summary
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trace_dir = args.profile_dir or tmp
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(args.profile_steps):
+                one_step()
+        return trace_summary.summarise(trace_dir, steps=args.profile_steps)
+
+
 def run_benchmark(args, overrides) -> dict:
     import flax
     import jax
@@ -386,6 +410,7 @@ def run_benchmark(args, overrides) -> dict:
         load_after = os.getloadavg()
         last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
 
+        profile = profile_steps(one_step, args) if args.profile_steps > 0 else None
         peak_after, _ = flops.peak_flops_per_device()
         parts = (
             breakdown(graphdef, objective, state, batch, mesh, steps=args.steps, warmup=args.warmup)
@@ -464,6 +489,7 @@ def run_benchmark(args, overrides) -> dict:
         'hlo_op_histogram': op_histogram(hlo),
         'last_metrics': last_metrics,
         'breakdown': parts,
+        'profile': profile,
         'allocator': allocator_info(),
         'device': {
             'platform': dev.platform,

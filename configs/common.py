@@ -103,6 +103,7 @@ def model_config(
     embed_dim: int,
     dtype: str = 'float32',
     remat: str = 'none',
+    attention: str = 'auto',
     logit_scale_init: float = 1 / 0.07,
     logit_bias_init: float = 0.0,
     grouping_logit_scale_init: float = 1 / 0.07,
@@ -114,6 +115,8 @@ def model_config(
             embed_dim=embed_dim,
             dtype=dtype,
             remat=remat,
+            # 'auto' | 'xla' | 'cudnn': pretrain.models.layers.Attention says what each runs.
+            attention=attention,
             logit_scale_init=logit_scale_init,
             logit_bias_init=logit_bias_init,
             grouping_logit_scale_init=grouping_logit_scale_init,

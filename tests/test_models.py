@@ -49,9 +49,10 @@ def np_params(module):
     )
 
 
+@pytest.mark.parametrize('attention', ['auto', 'xla'])
 @pytest.mark.parametrize('causal', [False, True])
-def test_block_matches_numpy(causal):
-    block = layers.Block(16, 4, 4.0, rngs=nnx.Rngs(0))
+def test_block_matches_numpy(causal, attention):
+    block = layers.Block(16, 4, 4.0, rngs=nnx.Rngs(0), attention=attention)
     # Non-trivial norms and biases so every parameter matters.
     for path, v in nnx.iter_graph(block):
         if isinstance(v, nnx.Param):
@@ -280,3 +281,25 @@ def test_attention_in_batch_chunks_matches_whole_batch(causal):
     whole = layers.attention_heads_first(qkv, mask=mask, is_causal=causal)
     chunked = layers.attention_heads_first(qkv, mask=mask, is_causal=causal, chunks=2)
     np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_attention_implementation_is_named():
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'; valid: auto"):
+        layers.Attention(16, 4, rngs=nnx.Rngs(0), implementation='flash')
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs a GPU')
+@pytest.mark.parametrize('causal', [False, True])
+def test_cudnn_attention_matches_xla_in_bfloat16(causal):
+    # 'auto' on GPU in bf16 is cuDNN flash attention: same outputs and input gradients as
+    # XLA's attention, to bf16 precision.
+    x = jax.random.normal(jax.random.key(1), (4, 197, 64), jnp.bfloat16)
+    outs = {}
+    for impl in ('cudnn', 'xla'):
+        block = layers.Block(64, 4, 4.0, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, attention=impl)
+        loss = lambda x: block(x, is_causal=causal).astype(jnp.float32).square().mean()
+        outs[impl] = (block(x, is_causal=causal), jax.grad(loss)(x))
+    for got, want in zip(outs['cudnn'], outs['xla']):
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0.05, atol=0.05
+        )

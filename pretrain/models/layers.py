@@ -136,14 +136,43 @@ def attention_heads_first(qkv_bt3hk, *, mask=None, is_causal: bool = False, chun
     return jnp.einsum('bhqs,bhsk->bhqk', w, v).transpose(0, 2, 1, 3).reshape(b, t, h * k)
 
 
-class Attention(nnx.Module):
-    """Multi-head self-attention: `jax.nn.dot_product_attention` on accelerators (cuDNN
-    flash attention on GPU), heads-first einsums on CPU where they are faster."""
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
 
-    def __init__(self, d: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+
+def check_attention_implementation(name: str) -> str:
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown attention implementation '{name}'; valid: "
+            + ', '.join(ATTENTION_IMPLEMENTATIONS)
+        )
+    return name
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention.
+
+    `implementation` (config `model.attention`):
+    - 'auto': heads-first einsums on CPU, where they are faster; on GPU with a 16-bit compute
+      dtype, cuDNN's fused flash attention, falling back to XLA where cuDNN refuses the
+      shapes (jax raises at trace time, e.g. a padding mask on odd lengths); else XLA.
+      (jax's own `implementation=None` is XLA today, never cuDNN.)
+    - 'xla' / 'cudnn': `jax.nn.dot_product_attention` with that implementation, on any
+      backend ('cudnn' raises where cuDNN cannot run it).
+    """
+
+    def __init__(
+        self,
+        d: int,
+        heads: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        implementation: str = 'auto',
+    ):
         if d % heads:
             raise ValueError(f'width {d} is not divisible by heads {heads}')
         self.heads = heads
+        self.implementation = check_attention_implementation(implementation)
         self.qkv = Dense(d, 3 * d, axes=('embed', 'heads'), rngs=rngs, dtype=dtype)
         self.out = Dense(d, d, axes=('heads', 'embed'), rngs=rngs, dtype=dtype)
 
@@ -156,7 +185,8 @@ class Attention(nnx.Module):
     def __call__(self, x_btd, *, mask=None, is_causal: bool = False):
         b, t, d = x_btd.shape
         qkv = self.qkv(x_btd).reshape(b, t, 3, self.heads, d // self.heads)
-        if jax.default_backend() == 'cpu':
+        backend = jax.default_backend()
+        if self.implementation == 'auto' and backend == 'cpu':
             # 8 batch chunks keep each chunk's (B/8, H, T, T) scores (0.8 MB for ViT-Ti) in
             # L2 and give XLA independent ops: ViT-Ti CLIP step -3% on one core
             # (benchmarks/README.md). Only on one device: slicing a batch sharded over
@@ -165,7 +195,21 @@ class Attention(nnx.Module):
             y = attention_heads_first(qkv, mask=mask, is_causal=is_causal, chunks=chunks)
             return self.out(y)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        y_bthk = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+        impl = self.implementation
+        if impl == 'auto':
+            half = q.dtype in (jnp.bfloat16, jnp.float16)
+            impl = 'cudnn' if backend == 'gpu' and half else 'xla'
+            if impl == 'cudnn':
+                try:
+                    y_bthk = jax.nn.dot_product_attention(
+                        q, k, v, mask=mask, is_causal=is_causal, implementation='cudnn'
+                    )
+                    return self.out(y_bthk.reshape(b, t, d))
+                except (NotImplementedError, ValueError, RuntimeError):
+                    impl = 'xla'
+        y_bthk = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=is_causal, implementation=impl
+        )
         return self.out(y_bthk.reshape(b, t, d))
 
 
@@ -223,9 +267,10 @@ class Block(nnx.Module):
         dtype=jnp.float32,
         activation: str = 'gelu_tanh',
         ln_eps: float = 1e-6,
+        attention: str = 'auto',
     ):
         self.ln1 = LayerNorm(d, rngs=rngs, dtype=dtype, eps=ln_eps)
-        self.attn = Attention(d, heads, rngs=rngs, dtype=dtype)
+        self.attn = Attention(d, heads, rngs=rngs, dtype=dtype, implementation=attention)
         self.ln2 = LayerNorm(d, rngs=rngs, dtype=dtype, eps=ln_eps)
         self.mlp = Mlp(d, int(d * mlp_ratio), rngs=rngs, dtype=dtype, activation=activation)
 
@@ -265,6 +310,7 @@ class Encoder(nnx.Module):
         remat: str = 'none',
         activation: str = 'gelu_tanh',
         ln_eps: float = 1e-6,
+        attention: str = 'auto',
     ):
         self.blocks = nnx.List(
             [
@@ -276,6 +322,7 @@ class Encoder(nnx.Module):
                     dtype=dtype,
                     activation=activation,
                     ln_eps=ln_eps,
+                    attention=attention,
                 )
                 for _ in range(depth)
             ]

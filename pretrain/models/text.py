@@ -42,6 +42,7 @@ class TextTransformer(nnx.Module):
         mask_padding: bool = True,
         activation: str = 'gelu_tanh',
         ln_eps: float = 1e-6,
+        attention: str = 'auto',
         rngs: nnx.Rngs,
     ):
         if pool not in POOLS:
@@ -65,6 +66,7 @@ class TextTransformer(nnx.Module):
             remat=remat,
             activation=activation,
             ln_eps=ln_eps,
+            attention=attention,
         )
         self.ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=ln_eps)
 

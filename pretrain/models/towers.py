@@ -45,6 +45,7 @@ class ImageTextModel(nnx.Module):
     def __init__(self, config: ConfigDict, *, rngs: nnx.Rngs):
         dtype = DTYPES[config.dtype]
         img, txt = config.image, config.text
+        attention = config.get('attention', 'auto')
         self.image = VisionTransformer(
             width=img.width,
             depth=img.depth,
@@ -61,6 +62,7 @@ class ImageTextModel(nnx.Module):
             ln_eps=img.get('ln_eps', 1e-6),
             pixel_mean=img.get('pixel_mean', None),
             pixel_std=img.get('pixel_std', None),
+            attention=attention,
             rngs=rngs,
         )
         self.text = TextTransformer(
@@ -78,6 +80,7 @@ class ImageTextModel(nnx.Module):
             mask_padding=txt.get('mask_padding', True),
             activation=txt.get('activation', 'gelu_tanh'),
             ln_eps=txt.get('ln_eps', 1e-6),
+            attention=attention,
             rngs=rngs,
         )
         image_proj = config.get('image_proj', 'linear')

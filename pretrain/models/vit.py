@@ -93,6 +93,7 @@ class VisionTransformer(nnx.Module):
         ln_eps: float = 1e-6,
         pixel_mean: tuple | None = None,
         pixel_std: tuple | None = None,
+        attention: str = 'auto',
         rngs: nnx.Rngs,
     ):
         if pool not in POOLS:
@@ -133,6 +134,7 @@ class VisionTransformer(nnx.Module):
             remat=remat,
             activation=activation,
             ln_eps=ln_eps,
+            attention=attention,
         )
         self.ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=ln_eps)
         self.map = (

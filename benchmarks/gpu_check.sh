@@ -1,0 +1,66 @@
+#!/bin/bash
+# The GPU checks of a session that is lent one GPU, as one short script (device time is scarce).
+#
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [quick]
+#
+# 1. the machine and the versions in use;
+# 2. correctness on the GPU: the model and objective tests (numpy references, loss and
+#    gradients; cuDNN attention against XLA's in bf16);
+# 3. CLIP ViT-B/16 at 224 in bf16 (configs/clip.py:b16), one GPU: benchmarks/train_step.py at
+#    batch 512 with cuDNN attention ('auto'), with XLA attention, and as shipped (remat
+#    'nothing_saveable'); the first also traces 3 steps and records the top ops;
+# 4. the quick start's config (configs/dreamlip.py) trained for 400 steps on the GPU, with its
+#    evaluations, checkpoints and metrics, as a user runs it.
+# Everything lands in $OUT (JSON and logs). 'quick' stops after step 3's first benchmark.
+#
+# On a machine without the project's pins installed (this workplace's GPU image has its own
+# jax), missing packages come as wheels in .whl/ (see the device tool's README): they are
+# installed under /tmp/site and put first on PYTHONPATH.
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+if compgen -G '.whl/*.whl' >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+    if ! $PY -c 'import pretrain.train, input_pipeline.pipeline' 2>"$OUT/import_err.txt"; then
+        echo "the pinned flax/optax/orbax do not import with this jax; using the image's" \
+            | tee -a "$OUT/env.txt"
+        rm -rf /tmp/site/flax* /tmp/site/optax* /tmp/site/orbax*
+    fi
+fi
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    $PY -c 'import jax, jaxlib, flax, optax, orbax.checkpoint as o, grain; print("jax", jax.__version__, "jaxlib", jaxlib.__version__, "flax", flax.__version__, "optax", optax.__version__, "orbax", o.__version__); print(jax.devices())'
+} 2>&1 | tee -a "$OUT/env.txt"
+
+# 2. Correctness: several pytest workers share the GPU, so no worker preallocates it.
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 180 $PY -m pytest -q -p no:cacheprovider -n 4 \
+    tests/test_models.py tests/test_objectives.py tests/test_optim.py 2>&1 | tail -25 \
+    | tee "$OUT/tests.txt"
+
+# 3. ViT-B/16 CLIP at 224, bf16, batch 512 on one GPU.
+bench() {
+    local name=$1
+    shift
+    timeout 240 $PY -m benchmarks.train_step --config configs/clip.py:b16 \
+        --config.batch_size=512 --steps 10 --warmup 3 --out "$OUT/$name.json" "$@" \
+        2>&1 | grep -v '^W0000\|^I0000' | tail -8 | tee "$OUT/$name.log"
+}
+bench clip_b16_bs512_cudnn --config.model.remat=none --config.model.attention=auto \
+    --profile_steps 3 --label 'remat none, attention auto (cuDNN)'
+[ "${1:-}" = quick ] && exit 0
+bench clip_b16_bs512_xla --config.model.remat=none --config.model.attention=xla \
+    --label 'remat none, attention xla'
+bench clip_b16_bs512_shipped --label 'as shipped: remat nothing_saveable, attention auto'
+
+# 4. The quick start's config on the GPU (f32, as the CPU recipe), 400 steps.
+/usr/bin/time -f 'wall %e s' timeout 300 $PY -m pretrain.main --config configs/dreamlip.py \
+    --workdir /tmp/gpu_dreamlip --config.total_steps=400 --config.progress=false 2>&1 \
+    | grep -v '^W0000\|^I0000' | tail -30 | tee "$OUT/dreamlip_400.log"
+cp /tmp/gpu_dreamlip/metrics.jsonl "$OUT/dreamlip_400_metrics.jsonl" 2>/dev/null
+exit 0
