@@ -288,6 +288,17 @@ def test_unknown_attention_implementation_is_named():
         layers.Attention(16, 4, rngs=nnx.Rngs(0), implementation='flash')
 
 
+@pytest.mark.parametrize('causal', [False, True])
+def test_odd_length_attention_padded_to_even_matches(causal):
+    # The cuDNN path pads 197 tokens to 198 and hides the pad by sequence lengths; the same
+    # padding through XLA's implementation must give the unpadded result.
+    q, k, v = jax.random.normal(jax.random.key(2), (3, 2, 7, 4, 8))
+    want = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation='xla')
+    got = layers.attention_even_length(q, k, v, is_causal=causal, implementation='xla')
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs a GPU')
 @pytest.mark.parametrize('causal', [False, True])
 def test_cudnn_attention_matches_xla_in_bfloat16(causal):

@@ -148,16 +148,44 @@ def check_attention_implementation(name: str) -> str:
     return name
 
 
+def attention_even_length(q, k, v, *, is_causal: bool, implementation: str):
+    """`jax.nn.dot_product_attention` (B, T, H, K) on an even number of tokens.
+
+    cuDNN's fused attention trains only on even sequence lengths (ViT-B/16 at 224 has 197
+    tokens: jax raises NotImplementedError). An odd T is padded by one zero token, which
+    `key_value_seq_lengths` hides from every query (cuDNN's padding mask, no bias tensor),
+    and the padded query row is dropped. Equal to the unpadded call (tests/test_models.py).
+    """
+    b, t = q.shape[:2]
+    if t % 2 == 0:
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=is_causal, implementation=implementation
+        )
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    lengths = jnp.full((b,), t, jnp.int32)
+    y = jax.nn.dot_product_attention(
+        pad(q),
+        pad(k),
+        pad(v),
+        is_causal=is_causal,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )
+    return y[:, :t]
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention.
 
     `implementation` (config `model.attention`):
-    - 'auto': heads-first einsums on CPU, where they are faster; on GPU with a 16-bit compute
-      dtype, cuDNN's fused flash attention, falling back to XLA where cuDNN refuses the
-      shapes (jax raises at trace time, e.g. a padding mask on odd lengths); else XLA.
-      (jax's own `implementation=None` is XLA today, never cuDNN.)
-    - 'xla' / 'cudnn': `jax.nn.dot_product_attention` with that implementation, on any
-      backend ('cudnn' raises where cuDNN cannot run it).
+    - 'auto': heads-first einsums on CPU, where they are faster. On GPU with a 16-bit compute
+      dtype and no mask, cuDNN's fused flash attention (odd lengths padded by one token,
+      `attention_even_length`); with a mask (the text tower's padding) XLA, since cuDNN takes
+      a dense mask only as a bias, and on even lengths only. Otherwise XLA. (jax's own
+      `implementation=None` is XLA today, never cuDNN.)
+    - 'xla' / 'cudnn': `jax.nn.dot_product_attention` with that implementation on any
+      backend ('cudnn' raises where cuDNN cannot run the call, e.g. on CPU).
     """
 
     def __init__(
@@ -198,18 +226,13 @@ class Attention(nnx.Module):
         impl = self.implementation
         if impl == 'auto':
             half = q.dtype in (jnp.bfloat16, jnp.float16)
-            impl = 'cudnn' if backend == 'gpu' and half else 'xla'
-            if impl == 'cudnn':
-                try:
-                    y_bthk = jax.nn.dot_product_attention(
-                        q, k, v, mask=mask, is_causal=is_causal, implementation='cudnn'
-                    )
-                    return self.out(y_bthk.reshape(b, t, d))
-                except (NotImplementedError, ValueError, RuntimeError):
-                    impl = 'xla'
-        y_bthk = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=is_causal, implementation=impl
-        )
+            impl = 'cudnn' if backend == 'gpu' and half and mask is None else 'xla'
+        if impl == 'cudnn' and mask is None:
+            y_bthk = attention_even_length(q, k, v, is_causal=is_causal, implementation=impl)
+        else:
+            y_bthk = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=is_causal, implementation=impl
+            )
         return self.out(y_bthk.reshape(b, t, d))
 
 
