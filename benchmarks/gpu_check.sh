@@ -11,7 +11,9 @@
 #    'nothing_saveable'); the first also traces 3 steps and records the top ops;
 # 4. the quick start's config (configs/dreamlip.py) trained for 400 steps on the GPU, with its
 #    evaluations, checkpoints and metrics, as a user runs it.
-# Everything lands in $OUT (JSON and logs). 'quick' stops after step 3's first benchmark.
+# Everything lands in $OUT, in 8 files (the device tool returns no more). 'quick' stops after
+# step 3's first benchmark. Each B/16 benchmark takes about a minute (31 s of it compiling;
+# 137 s with XLA's Triton GEMMs, which pretrain.main.GPU_XLA_FLAGS turns off).
 #
 # On a machine without the project's pins installed (this workplace's GPU image has its own
 # jax), missing packages come as wheels in .whl/ (see the device tool's README): they are
@@ -26,7 +28,7 @@ if compgen -G '.whl/*.whl' >/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
-    if ! $PY -c 'import pretrain.train, input_pipeline.pipeline' 2>"$OUT/import_err.txt"; then
+    if ! $PY -c 'import pretrain.train, input_pipeline.pipeline' 2>>"$OUT/env.txt"; then
         echo "the pinned flax/optax/orbax do not import with this jax; using the image's" \
             | tee -a "$OUT/env.txt"
         rm -rf /tmp/site/flax* /tmp/site/optax* /tmp/site/orbax*
@@ -49,7 +51,7 @@ bench() {
     shift
     timeout 240 $PY -m benchmarks.train_step --config configs/clip.py:b16 \
         --config.batch_size=512 --steps 10 --warmup 3 --out "$OUT/$name.json" "$@" \
-        2>&1 | grep -v '^W0000\|^I0000' | tail -8 | tee "$OUT/$name.log"
+        2>&1 | grep -v '^W0000\|^I0000' | tail -8 | tee -a "$OUT/bench.log"
 }
 bench clip_b16_bs512_cudnn --config.model.remat=none --config.model.attention=auto \
     --profile_steps 3 --label 'remat none, attention auto (cuDNN)'
@@ -61,6 +63,6 @@ bench clip_b16_bs512_shipped --label 'as shipped: remat nothing_saveable, attent
 # 4. The quick start's config on the GPU (f32, as the CPU recipe), 400 steps.
 /usr/bin/time -f 'wall %e s' timeout 300 $PY -m pretrain.main --config configs/dreamlip.py \
     --workdir /tmp/gpu_dreamlip --config.total_steps=400 --config.progress=false 2>&1 \
-    | grep -v '^W0000\|^I0000' | tail -30 | tee "$OUT/dreamlip_400.log"
+    | grep -v '^W0000\|^I0000' | tail -30 | tee -a "$OUT/bench.log"
 cp /tmp/gpu_dreamlip/metrics.jsonl "$OUT/dreamlip_400_metrics.jsonl" 2>/dev/null
 exit 0

@@ -25,7 +25,8 @@ What is measured, all written to --out as JSON (see benchmarks/README.md):
 - with --profile_steps N: N more steps under `jax.profiler.trace`, and the trace's top ops
   per step (benchmarks/trace_summary.py).
 
-The allocator is the product's: `pretrain.main.ensure_fast_malloc()` re-executes the process
+The XLA flags and allocator are the product's: `pretrain.main.prepare_process()` sets
+`GPU_XLA_FLAGS` and re-executes the process
 with GLIBC_TUNABLES unless PRETRAIN_MALLOC=system. `--compare_malloc` reruns the same
 benchmark in a subprocess with the other setting and records both.
 """
@@ -618,5 +619,5 @@ def main(argv=None) -> int:
 if __name__ == '__main__':
     from pretrain import main as pretrain_main
 
-    pretrain_main.ensure_fast_malloc()  # the product's allocator (re-execs once)
+    pretrain_main.prepare_process()  # the product's XLA flags and allocator (re-execs once)
     sys.exit(main())

@@ -209,7 +209,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    from pretrain.main import ensure_fast_malloc
+    from pretrain.main import prepare_process
 
-    ensure_fast_malloc()
+    prepare_process()
     sys.exit(main())

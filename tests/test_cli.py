@@ -209,3 +209,15 @@ def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(python, tmp_pat
     good = int(line.split('last good checkpoint: step ')[1].split()[0])
     saved = sorted(int(d) for d in os.listdir(os.path.join(wd, 'checkpoints')) if d.isdigit())
     assert saved[-1] == good
+
+
+def test_default_xla_flags_keep_what_the_user_set(monkeypatch):
+    from pretrain import main
+
+    monkeypatch.delenv('XLA_FLAGS', raising=False)
+    main.set_default_xla_flags()
+    assert os.environ['XLA_FLAGS'] == ' '.join(main.GPU_XLA_FLAGS)
+    mine = '--xla_force_host_platform_device_count=8 --xla_gpu_enable_triton_gemm=true'
+    monkeypatch.setenv('XLA_FLAGS', mine)
+    main.set_default_xla_flags()
+    assert os.environ['XLA_FLAGS'] == mine

@@ -308,7 +308,7 @@ def test_cudnn_attention_matches_xla_in_bfloat16(causal):
     outs = {}
     for impl in ('cudnn', 'xla'):
         block = layers.Block(64, 4, 4.0, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, attention=impl)
-        loss = lambda x: block(x, is_causal=causal).astype(jnp.float32).square().mean()
+        loss = lambda x: jnp.square(block(x, is_causal=causal).astype(jnp.float32)).mean()
         outs[impl] = (block(x, is_causal=causal), jax.grad(loss)(x))
     for got, want in zip(outs['cudnn'], outs['xla']):
         np.testing.assert_allclose(
