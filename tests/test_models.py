@@ -311,6 +311,6 @@ def test_cudnn_attention_matches_xla_in_bfloat16(causal):
         loss = lambda x: jnp.square(block(x, is_causal=causal).astype(jnp.float32)).mean()
         outs[impl] = (block(x, is_causal=causal), jax.grad(loss)(x))
     for got, want in zip(outs['cudnn'], outs['xla']):
-        np.testing.assert_allclose(
-            np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0.05, atol=0.05
-        )
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        # bf16 precision relative to each array's scale (the input gradients are ~1e-4).
+        np.testing.assert_allclose(got, want, rtol=0.05, atol=0.02 * np.abs(want).max())
