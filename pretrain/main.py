@@ -139,7 +139,11 @@ def main(argv=None) -> int:
     except train.NonFiniteLoss as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
-    except (pipeline.InputError, weights.WeightsError) as e:  # wrong data path / init weights
+    except (
+        pipeline.InputError,  # wrong data path or field
+        weights.WeightsError,  # init weights that do not fit
+        config_cli.ConfigError,  # a config value the model rejects
+    ) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0

@@ -19,7 +19,8 @@ import jax
 from flax import nnx
 
 from input_pipeline import pipeline
-from pretrain import checkpoint, flops, metrics as metrics_lib, optim, sharding, step as step_lib
+from pretrain import checkpoint, config_cli, flops, metrics as metrics_lib, optim, sharding
+from pretrain import step as step_lib
 from pretrain import weights
 from pretrain.evaluators import build_evaluators, run_evaluators
 from pretrain.models.towers import ImageTextModel
@@ -51,7 +52,10 @@ class Hook:
 
 
 def create_model_and_optimizer(config):
-    model = ImageTextModel(config.model, rngs=nnx.Rngs(config.seed))
+    try:
+        model = ImageTextModel(config.model, rngs=nnx.Rngs(config.seed))
+    except ValueError as e:  # a bad value (pool, remat, attention, ...): one line, no trace
+        raise config_cli.ConfigError(f'config.model: {e}') from None
     params = nnx.as_pure(nnx.state(model, nnx.Param))
     tx = optim.make_optimizer(config.optim, params, config.total_steps)
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)

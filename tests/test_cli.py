@@ -112,6 +112,10 @@ def test_default_recipe_learns(python, tmp_path):
         (['--config', 'configs/nope.py'], "config file 'configs/nope.py' does not exist"),
         (['--config', 'configs/clip.py:b61'], "unknown variant 'b61'; valid: tiny, b16"),
         (['--config', 'configs/clip.py', '--config.batch_size=many'], "config key 'batch_size'"),
+        (
+            ['--config', 'configs/clip.py', '--config.model.attention=flash'],
+            "config.model: unknown attention implementation 'flash'; valid: auto, xla, cudnn",
+        ),
     ],
 )
 def test_bad_config_is_one_line_error(python, tmp_path, args, message):
