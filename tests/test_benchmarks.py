@@ -33,6 +33,8 @@ def test_train_step_benchmark_writes_sane_json(python, tmp_path):
             '2',
             '--warmup',
             '1',
+            '--profile_steps',
+            '1',
             '--out',
             str(out),
         ],
@@ -55,6 +57,13 @@ def test_train_step_benchmark_writes_sane_json(python, tmp_path):
     assert r['memory']['xla']['temp_size_in_bytes'] >= 0
     assert r['model']['image']['width'] == 32 and r['model']['text']['depth'] == 1
     assert r['versions']['jax'] == jax.__version__
+    # One traced step, summed over XLA's CPU worker threads: real op names, shares that add up.
+    p = r['profile']
+    assert p['summed_over'] == 'CPU XLA threads' and p['steps'] == 1 and p['op_ms_per_step'] > 0
+    assert p['top_ops'] and all('::' not in o['name'] for o in p['top_ops'])
+    assert sum(o['share'] for o in p['top_kinds']) <= 1 + 1e-9
+    # The product's XLA flags are in force (GPU-only flags; XLA CPU ignores them).
+    assert 'xla_gpu_enable_triton_gemm' in r['env'].get('XLA_FLAGS', '')
     # The product's allocator choice: the entry point re-executed itself with the tunables.
     assert 'GLIBC_TUNABLES' in r['allocator']['env'] or r['allocator']['preloaded_libs'], r[
         'allocator'
@@ -94,3 +103,40 @@ def test_hlo_dot_flops_counts_plain_and_batched_matmuls():
     q = jnp.ones((2, 5, 8))
     hlo = jax.jit(lambda x: jnp.einsum('bqk,bsk->bqs', x, x)).lower(q).compile().as_text()
     assert bench.hlo_dot_flops(hlo) == 2 * 2 * 5 * 5 * 8
+
+
+def write_trace(path, events):
+    import gzip
+
+    path.mkdir(parents=True)
+    with gzip.open(path / 'perfetto_trace.json.gz', 'wt') as f:
+        json.dump({'traceEvents': events}, f)
+
+
+def test_trace_summary_sums_device_kernels_by_name_and_kind(tmp_path):
+    from benchmarks import trace_summary
+
+    meta = lambda pid, name: {'ph': 'M', 'pid': pid, 'name': 'process_name', 'args': {'name': name}}
+    op = lambda pid, name, dur: {'ph': 'X', 'pid': pid, 'tid': 1, 'name': name, 'dur': dur}
+    events = [
+        meta(1, '/host:CPU'),
+        meta(7, '/device:GPU:0'),
+        op(1, 'host work, not a kernel', 10_000.0),
+        op(7, 'fusion.1', 300.0),
+        op(7, 'fusion.2', 100.0),
+        op(7, 'nvjet_gemm', 350.0),
+        op(7, 'fusion.1', 50.0),
+        {'ph': 'i', 'pid': 7, 'name': 'instant', 'ts': 0},
+    ]
+    write_trace(tmp_path / 'plugins' / 'profile' / 'run1', events)
+    s = trace_summary.summarise(str(tmp_path), steps=2, top=10)
+    assert s['summed_over'] == 'device processes'
+    assert s['op_ms_per_step'] == pytest.approx(0.4)  # 800 us over 2 steps, host left out
+    assert [(o['name'], o['ms_per_step']) for o in s['top_ops']] == [
+        ('fusion.1', pytest.approx(0.175)),
+        ('nvjet_gemm', pytest.approx(0.175)),
+        ('fusion.2', pytest.approx(0.05)),
+    ]
+    assert s['top_kinds'][0] == {'name': 'fusion', 'ms_per_step': 0.225, 'share': 0.5625}
+    with pytest.raises(FileNotFoundError, match='no perfetto_trace.json.gz'):
+        trace_summary.summarise(str(tmp_path / 'empty'))
