@@ -3,6 +3,9 @@
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [quick]
 #
+# BATCH (512), STEPS (10) and TRAIN_STEPS (400) size steps 3 and 4; a CPU dry run of the
+# script itself: PYTHON=python BATCH=2 STEPS=1 TRAIN_STEPS=10 bash benchmarks/gpu_check.sh
+#
 # 1. the machine and the versions in use;
 # 2. correctness on the GPU: the model and objective tests (numpy references, loss and
 #    gradients; cuDNN attention against XLA's in bf16);
@@ -16,15 +19,15 @@
 # 137 s with XLA's Triton GEMMs, which pretrain.main.GPU_XLA_FLAGS turns off).
 #
 # On a machine without the project's pins installed (this workplace's GPU image has its own
-# jax), missing packages come as wheels in .whl/ (see the device tool's README): they are
-# installed under /tmp/site and put first on PYTHONPATH.
+# jax), missing packages come as wheels in .whl/ (see the device tool's README): where the
+# python lacks them, they are installed under /tmp/site and put first on PYTHONPATH.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 
-if compgen -G '.whl/*.whl' >/dev/null; then
+if ! $PY -c 'import grain, ml_collections' 2>/dev/null && compgen -G '.whl/*.whl' >/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
@@ -50,7 +53,7 @@ bench() {
     local name=$1
     shift
     timeout 240 $PY -m benchmarks.train_step --config configs/clip.py:b16 \
-        --config.batch_size=512 --steps 10 --warmup 3 --out "$OUT/$name.json" "$@" \
+        --config.batch_size=${BATCH:-512} --steps ${STEPS:-10} --warmup 3 --out "$OUT/$name.json" "$@" \
         2>&1 | grep -v '^W0000\|^I0000' | tail -8 | tee -a "$OUT/bench.log"
 }
 bench clip_b16_bs512_cudnn --config.model.remat=none --config.model.attention=auto \
@@ -61,8 +64,9 @@ bench clip_b16_bs512_xla --config.model.remat=none --config.model.attention=xla 
 bench clip_b16_bs512_shipped --label 'as shipped: remat nothing_saveable, attention auto'
 
 # 4. The quick start's config on the GPU (f32, as the CPU recipe), 400 steps.
+rm -rf /tmp/gpu_dreamlip
 /usr/bin/time -f 'wall %e s' timeout 300 $PY -m pretrain.main --config configs/dreamlip.py \
-    --workdir /tmp/gpu_dreamlip --config.total_steps=400 --config.progress=false 2>&1 \
+    --workdir /tmp/gpu_dreamlip --config.total_steps=${TRAIN_STEPS:-400} --config.progress=false 2>&1 \
     | grep -v '^W0000\|^I0000' | tail -30 | tee -a "$OUT/bench.log"
 cp /tmp/gpu_dreamlip/metrics.jsonl "$OUT/dreamlip_400_metrics.jsonl" 2>/dev/null
 exit 0
