@@ -41,15 +41,14 @@ def get_config(arg: str | None = None):
         # schedule ends at 69.7 / 59.2 and an 800-step one at 51.6 / 44.7.
         # ~13 minutes on 2 cores; --config.total_steps=400 is a ~4-minute smoke run.
         config.total_steps = 1600
-    config.input.num_subcaptions = 3 if tiny else 6
-    config.input.subcaption_context_length = 26 if tiny else 77
-    if tiny:
         # Shapes texts in the shapes BPE, EOS included (3,000 train scenes): captions <= 15
         # tokens, alt-text <= 25, long-caption sentences <= 26. Texts of 26 tokens cut no
         # text and the causal, EOS-pooled tower gives the same embeddings as at 32 (losses
         # equal to 1e-7 over 40 steps); the position table stays 32, so the init is the same.
         # Step 0.400 -> 0.362 s (benchmarks/train_step.py, 2 quiet cores).
         config.input.context_length = 26
+    config.input.num_subcaptions = 3 if tiny else 6
+    config.input.subcaption_context_length = 26 if tiny else 77
     config.model.text.context_length = max(
         config.model.text.context_length, config.input.subcaption_context_length
     )
