@@ -56,17 +56,17 @@ bench() {
         --config.batch_size=${BATCH:-512} --steps ${STEPS:-10} --warmup 3 --out "$OUT/$name.json" "$@" \
         2>&1 | grep -v '^W0000\|^I0000' | tail -8 | tee -a "$OUT/bench.log"
 }
-bench clip_b16_bs512_cudnn --config.model.remat=none --config.model.attention=auto \
+bench clip_b16_cudnn --config.model.remat=none --config.model.attention=auto \
     --profile_steps 3 --label 'remat none, attention auto (cuDNN)'
 [ "${1:-}" = quick ] && exit 0
-bench clip_b16_bs512_xla --config.model.remat=none --config.model.attention=xla \
+bench clip_b16_xla --config.model.remat=none --config.model.attention=xla \
     --label 'remat none, attention xla'
-bench clip_b16_bs512_shipped --label 'as shipped: remat nothing_saveable, attention auto'
+bench clip_b16_shipped --label 'as shipped: remat nothing_saveable, attention auto'
 
-# 4. The quick start's config on the GPU (f32, as the CPU recipe), 400 steps.
+# 4. The quick start's config on the GPU (f32, as the CPU recipe), TRAIN_STEPS steps.
 rm -rf /tmp/gpu_dreamlip
 /usr/bin/time -f 'wall %e s' timeout 300 $PY -m pretrain.main --config configs/dreamlip.py \
     --workdir /tmp/gpu_dreamlip --config.total_steps=${TRAIN_STEPS:-400} --config.progress=false 2>&1 \
     | grep -v '^W0000\|^I0000' | tail -30 | tee -a "$OUT/bench.log"
-cp /tmp/gpu_dreamlip/metrics.jsonl "$OUT/dreamlip_400_metrics.jsonl" 2>/dev/null
+cp /tmp/gpu_dreamlip/metrics.jsonl "$OUT/dreamlip_metrics.jsonl" 2>/dev/null
 exit 0
