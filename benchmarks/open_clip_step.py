@@ -12,8 +12,8 @@ at 1.0 and an AdamW update, on random images and token ids (`optimizer.zero_grad
 `optimizer.step`, median of `--steps` after `--warmup`). Eager mode, as open_clip trains by
 default; `--compile` times `torch.compile` of the model too (open_clip's --torchcompile).
 
-Same conditions as ours: the allocator is the product's (`pretrain.main.ensure_fast_malloc`
-re-executes with the same GLIBC_TUNABLES; PRETRAIN_MALLOC=system keeps glibc's defaults),
+Same conditions as ours: the allocator is the product's (`pretrain.allocator`: the same
+re-execution and PRETRAIN_MALLOC choices),
 torch uses every core, and the MFU is the JSON's analytic FLOPs over the JSON's peak (the
 JAX-measured 2048^3 f32 matmul rate). The JSON gets both step times and their ratio, and
 torch's own 2048^3 matmul rate for reference. Nothing here imports jax, so the torch venv
@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 
-from pretrain.main import ensure_fast_malloc
+from pretrain.allocator import ensure_fast_malloc
 
 
 def parse_args(argv):
@@ -154,7 +154,11 @@ def main(argv=None):
         'torch_matmul_flops_per_s': matmul_rate(torch),
         'threads': torch.get_num_threads(),
         'parameters': sum(p.numel() for p in model.parameters()),
-        'allocator': os.environ.get('GLIBC_TUNABLES', 'glibc defaults'),
+        'allocator': {
+            k: os.environ[k]
+            for k in ('PRETRAIN_MALLOC', 'LD_PRELOAD', 'GLIBC_TUNABLES', 'MIMALLOC_PURGE_DELAY')
+            if k in os.environ
+        },
         'ours_median_s': ours_median,
         'versions': {'torch': torch.__version__, 'python': platform.python_version()},
     }

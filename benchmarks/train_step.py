@@ -26,9 +26,9 @@ What is measured, all written to --out as JSON (see benchmarks/README.md):
   per step (benchmarks/trace_summary.py).
 
 The XLA flags and allocator are the product's: `pretrain.main.prepare_process()` sets
-`GPU_XLA_FLAGS` and re-executes the process
-with GLIBC_TUNABLES unless PRETRAIN_MALLOC=system. `--compare_malloc` reruns the same
-benchmark in a subprocess with the other setting and records both.
+`GPU_XLA_FLAGS` and re-executes the process with its allocator (pretrain/allocator.py:
+mimalloc, or glibc's tunables) unless PRETRAIN_MALLOC=system. `--compare_malloc` reruns the
+same benchmark in a subprocess with the other setting and records both.
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ def allocator_info() -> dict:
             'GLIBC_TUNABLES',
             'LD_PRELOAD',
             'MALLOC_CONF',
+            'MIMALLOC_PURGE_DELAY',
         )
     }
     if libs:
@@ -527,19 +528,20 @@ def _jaxlib_version():
 def compare_malloc(argv: list[str]) -> dict:
     """Runs this benchmark again with the other allocator setting and returns its JSON.
 
-    From a tuned run the other is PRETRAIN_MALLOC=system (glibc defaults); from a system run,
-    the tuned re-exec.
+    From a run with the product's allocator (PRETRAIN_MALLOC auto / mimalloc / glibc) the
+    other is PRETRAIN_MALLOC=system (glibc defaults); from a system run, 'auto'.
     """
-    tuned_now = os.environ.get('PRETRAIN_MALLOC', 'tuned') == 'tuned'
+    from pretrain import allocator
+
+    tuned_now = allocator.choice() != 'system'
+    ours = {allocator.REEXEC_MARK, 'GLIBC_TUNABLES', *allocator.MIMALLOC_ENV}
+    if os.environ.get('LD_PRELOAD') == allocator.mimalloc_library():
+        ours.add('LD_PRELOAD')
     with tempfile.TemporaryDirectory() as tmp:
         sub_out = os.path.join(tmp, 'other.json')
         cmd = [sys.executable, '-m', 'benchmarks.train_step', *_strip(argv), '--out', sub_out]
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ('GLIBC_TUNABLES', 'PRETRAIN_MALLOC_SET')
-        }
-        env['PRETRAIN_MALLOC'] = 'system' if tuned_now else 'tuned'
+        env = {k: v for k, v in os.environ.items() if k not in ours}
+        env['PRETRAIN_MALLOC'] = 'system' if tuned_now else 'auto'
         subprocess.run(cmd, env=env, check=True)
         with open(sub_out) as f:
             return json.load(f)

@@ -14,26 +14,7 @@ import logging
 import os
 import sys
 
-# XLA's CPU step allocates its temporaries as one buffer (1.9 GB for the ViT-Ti CLIP step) from
-# a worker thread, and frees it at the end of the step. glibc serves that thread from a
-# per-thread arena, which cannot hold more than 64 MB, so the buffer is mmap'ed and unmapped
-# every step and its pages are faulted in and zeroed afresh: ~540k 4 KB faults, 30-45% of a
-# CPU step. The tunables below, measured in benchmarks/README.md:
-# - arena_max=1: every thread allocates from the main heap, where a freed block is kept and
-#   reused: no page faults in steady state (ViT-Ti step on one core 1.54 -> 1.40 s, tiny CLIP
-#   training 0.62 -> 0.48 s/step). A cost: the heap may once grow by another temp buffer when
-#   a small allocation splits the freed one (seen in about half the runs: one ~3 s step,
-#   +1.9 GB resident for ViT-Ti);
-# - mmap/trim thresholds of 4 GB: large blocks come from, and stay in, that heap;
-# - hugetlb=1: transparent huge pages for the heap (fewer TLB misses, 2 MB faults when it grows).
-# No extra package is needed. Tunables only take effect at process start, hence the re-exec
-# below; PRETRAIN_MALLOC=system keeps the process as it is.
-GLIBC_TUNABLES = (
-    'glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4294967296:'
-    'glibc.malloc.trim_threshold=4294967296:glibc.malloc.arena_max=1'
-)
-_REEXEC_MARK = 'PRETRAIN_MALLOC_SET'
-
+from pretrain import allocator
 
 # XLA flags for GPU runs, applied unless XLA_FLAGS already sets the same flag. XLA CPU parses
 # and ignores them. Measured on one H200, CLIP ViT-B/16 at 224, bf16, batch 512
@@ -55,24 +36,7 @@ def set_default_xla_flags():
 def prepare_process():
     """What every entry point does before importing jax: XLA flags, then the allocator."""
     set_default_xla_flags()
-    ensure_fast_malloc()
-
-
-def ensure_fast_malloc():
-    """Re-executes this process once with the malloc tunables set (Linux, glibc only)."""
-    if (
-        os.environ.get('PRETRAIN_MALLOC', 'tuned') != 'tuned'
-        or os.environ.get(_REEXEC_MARK)
-        or not sys.platform.startswith('linux')
-        or 'LD_PRELOAD' in os.environ
-    ):
-        return
-    env = dict(os.environ, **{_REEXEC_MARK: '1'})
-    existing = env.get('GLIBC_TUNABLES')
-    env['GLIBC_TUNABLES'] = f'{existing}:{GLIBC_TUNABLES}' if existing else GLIBC_TUNABLES
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, env)
+    allocator.ensure_fast_malloc()
 
 
 def add_distributed_flags(parser):

@@ -39,7 +39,7 @@ def test_train_step_benchmark_writes_sane_json(python, tmp_path):
             str(out),
         ],
         timeout=120,
-        env={'PRETRAIN_MALLOC': 'tuned'},
+        env={'PRETRAIN_MALLOC': 'auto'},
     )
     r = json.loads(out.read_text())
     t, f = r['timing'], r['flops']
@@ -140,3 +140,46 @@ def test_trace_summary_sums_device_kernels_by_name_and_kind(tmp_path):
     assert s['top_kinds'][0] == {'name': 'fusion', 'ms_per_step': 0.225, 'share': 0.5625}
     with pytest.raises(FileNotFoundError, match='no perfetto_trace.json.gz'):
         trace_summary.summarise(str(tmp_path / 'empty'))
+
+
+def test_cpu_cycles_sorts_samples_into_matmul_and_the_rest():
+    import ctypes
+    import mmap
+    import os
+    import shutil
+
+    from benchmarks import cpu_cycles
+
+    # A page of this process that holds a GEMM-like instruction stream (one broadcast, three
+    # FMAs, repeated), and a page of zeros: only the first is a matmul micro-kernel.
+    broadcast = bytes.fromhex('62f27d481818')  # vbroadcastss (%rax), %zmm3
+    fmas = bytes.fromhex('627265 48b8c0 62e26548b8c1 62626548b8c2'.replace(' ', ''))
+    code = (broadcast + fmas) * (mmap.PAGESIZE // 24)
+    pages = mmap.mmap(-1, 2 * mmap.PAGESIZE)
+    pages.write(code)
+    gemm_page = ctypes.addressof(ctypes.c_char.from_buffer(pages))
+    zero_page = gemm_page + mmap.PAGESIZE
+    rows = [
+        (40.0, 'libjax_common.so', 'ynn::dot_fp32_5x64x1_1x16x1_avx512'),
+        (20.0, '[JIT] tid 1', hex(gemm_page + 64)),
+        (5.0, 'libjax_common.so', 'Eigen::internal::gemm_pack_colmajor_block<float>'),
+        (15.0, '[JIT] tid 1', hex(zero_page + 8)),
+        (10.0, 'libjax_common.so', 'ynn::multiply_fp32_x86_avx512f_avx512bw'),
+        (6.0, 'libc.so.6', '_int_malloc'),
+        (3.0, '[kernel.kallsyms]', 'clear_page_erms'),
+        (1.0, 'libpython3.11.so', '_PyEval_EvalFrameDefault'),
+    ]
+    if shutil.which('objdump') is None or not os.path.exists('/proc/self/mem'):
+        pytest.skip('needs objdump and /proc')
+    shares = cpu_cycles.classify(rows, os.getpid())
+    del pages
+    assert shares == {
+        'matmul: YNNPACK dot kernels': 40.0,
+        'matmul: JIT GEMM micro-kernels': 20.0,
+        'other JIT code (XLA fusions)': 15.0,
+        'YNNPACK other kernels': 10.0,
+        'malloc/free': 6.0,
+        'matmul: Eigen packing and kernels': 5.0,
+        'kernel': 3.0,
+        'other': 1.0,
+    }
