@@ -41,6 +41,8 @@ fi
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     $PY -c 'import jax, jaxlib, flax, optax, orbax.checkpoint as o, grain; print("jax", jax.__version__, "jaxlib", jaxlib.__version__, "flax", flax.__version__, "optax", optax.__version__, "orbax", o.__version__); print(jax.devices())'
+    # PRETRAIN_MALLOC=auto preloads this (pretrain/allocator.py); None: the glibc tunables.
+    $PY -c 'from pretrain import allocator; print("mimalloc:", allocator.mimalloc_library())'
 } 2>&1 | tee -a "$OUT/env.txt"
 
 # 2. Correctness: several pytest workers share the GPU, so no worker preallocates it.
