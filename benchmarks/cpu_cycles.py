@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+
+from benchmarks import results_io
 
 PAGE = 4096
 _ROW = re.compile(r'\s*[\d.]+%\s+(\d+)\s+(\S.*?)\s+\[(.)\]\s+(.*)')
@@ -156,8 +157,7 @@ def main(argv=None):
         print(f'{percent:6.2f}%  {kind}')
     print(f'{matmul:6.2f}%  all matmul kernels')
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(report, f, indent=2)
+        results_io.write_json(args.out, report)
         print(f'wrote {args.out}')
 
 

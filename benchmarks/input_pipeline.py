@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import os
 import platform
@@ -54,6 +53,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from benchmarks import results_io
 from benchmarks.train_step import _busy_cpu_s, cpu_model
 from input_pipeline import loader as loader_lib
 from input_pipeline import transforms as T
@@ -483,9 +483,7 @@ def headline(r: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     result = run(args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(result, f, indent=2)
+    results_io.write_json(args.out, result)
     print(f'{headline(result)} -> {args.out}')
     if result['contended'] and not args.quiet:
         print(

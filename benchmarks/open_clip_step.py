@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 
+from benchmarks import results_io
 from pretrain.allocator import ensure_fast_malloc
 
 
@@ -171,8 +172,7 @@ def main(argv=None):
             f"ours {ours_median:.3f} s ({report[name]['ours_speedup']:.2f}x faster)"
         )
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(report, f, indent=2)
+        results_io.write_json(args.out, report)
         print(f'wrote {args.out}')
 
 

@@ -14,7 +14,6 @@ cotangents), chunked as B (a few (B, chunk) blocks plus the (B, E) gradients).
 """
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import results_io
 from pretrain.objectives.siglip import siglip_loss, siglip_loss_chunked
 
 MIB = 2**20
@@ -107,9 +107,7 @@ def main():
         'machine': platform.machine(),
         'rows': rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(result, f, indent=2)
+    results_io.write_json(args.out, result)
 
     print(
         f'SigLIP loss+grad: XLA temp memory in MiB (seconds per call where run), '

@@ -45,6 +45,8 @@ import time
 
 import numpy as np
 
+from benchmarks import results_io
+
 SCHEMA = 1
 CONTENDED_ABOVE = 0.1  # share of the cores other processes used during the timed steps
 
@@ -611,9 +613,7 @@ def main(argv=None) -> int:
             f'{other_med / med:.2f}x this run',
             flush=True,
         )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(result, f, indent=2)
+    results_io.write_json(args.out, result)
     print(f'wrote {args.out}', flush=True)
     return 0
 
