@@ -13,7 +13,9 @@ XLA's CPU runtime is hard on glibc's malloc in two ways (benchmarks/README.md, "
 PRETRAIN_MALLOC picks what to do (Linux only; a process started with LD_PRELOAD is left as it
 is, so `LD_PRELOAD=libjemalloc.so` works as before):
 - 'auto' (default): 'mimalloc' where the `cmeel-mimalloc` package is installed (a dependency on
-  Linux), else 'glibc';
+  Linux) and no jax accelerator plugin is (CUDA, ROCm, TPU), else 'glibc'. On GPU/TPU hosts
+  the host allocator matters less, and the GPU figures so far were measured with 'glibc':
+  mimalloc is chosen there only when asked for, until it has been measured there too;
 - 'mimalloc': LD_PRELOAD mimalloc with MIMALLOC_PURGE_DELAY=-1 (freed memory is kept for
   reuse, not returned to the OS: 0 page faults per step). 2 quiet cores, against 'glibc':
   DreamLIP tiny step 0.38 -> 0.30 s, its training loop 0.54 -> 0.36 s/step; ViT-Ti CLIP step
@@ -54,6 +56,15 @@ def mimalloc_library() -> str | None:
     return None
 
 
+# Distributions whose presence means a jax accelerator backend (jax[cuda12], jax[rocm], jax[tpu]).
+_ACCELERATOR_PACKAGES = ('jax-cuda', 'jax_cuda', 'jax-rocm', 'jax_rocm', 'libtpu')
+
+
+def accelerator_plugin_installed() -> bool:
+    names = (d.metadata['Name'] or '' for d in importlib.metadata.distributions())
+    return any(n.lower().startswith(_ACCELERATOR_PACKAGES) for n in names)
+
+
 def choice() -> str:
     value = os.environ.get('PRETRAIN_MALLOC', 'auto')
     if value not in CHOICES:
@@ -72,7 +83,11 @@ def malloc_env(environ: dict) -> dict:
     ):
         return environ
     env = dict(environ, **{REEXEC_MARK: '1'})
-    library = mimalloc_library() if wanted in ('auto', 'mimalloc') else None
+    if wanted == 'auto':
+        use_mimalloc = not accelerator_plugin_installed()
+    else:
+        use_mimalloc = wanted == 'mimalloc'
+    library = mimalloc_library() if use_mimalloc else None
     if wanted == 'mimalloc' and library is None:
         raise SystemExit(
             'error: PRETRAIN_MALLOC=mimalloc but the cmeel-mimalloc package is not installed '

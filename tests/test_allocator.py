@@ -26,6 +26,7 @@ def test_mimalloc_is_installed_with_the_package():
 
 @linux
 def test_auto_preloads_mimalloc_and_keeps_its_memory(monkeypatch):
+    monkeypatch.setattr(allocator, 'accelerator_plugin_installed', lambda: False)
     env = env_for(monkeypatch, PATH='/bin')
     assert env['LD_PRELOAD'] == allocator.mimalloc_library()
     assert env['MIMALLOC_PURGE_DELAY'] == '-1'
@@ -43,6 +44,19 @@ def test_without_mimalloc_auto_falls_back_to_glibc_tunables(monkeypatch):
     assert env['GLIBC_TUNABLES'] == 'glibc.malloc.tcache_count=16:' + allocator.GLIBC_TUNABLES
     with pytest.raises(SystemExit, match='cmeel-mimalloc package is not installed'):
         env_for(monkeypatch, 'mimalloc')
+
+
+@linux
+def test_auto_keeps_glibc_tunables_on_accelerator_hosts(monkeypatch):
+    class Dist:
+        metadata = {'Name': 'jax-cuda12-plugin'}
+
+    monkeypatch.setattr(allocator.importlib.metadata, 'distributions', lambda: [Dist()])
+    assert allocator.accelerator_plugin_installed()
+    env = env_for(monkeypatch)
+    assert env['GLIBC_TUNABLES'] == allocator.GLIBC_TUNABLES and 'LD_PRELOAD' not in env
+    # Asked for by name, mimalloc is used there too.
+    assert env_for(monkeypatch, 'mimalloc')['LD_PRELOAD'] == allocator.mimalloc_library()
 
 
 @linux
@@ -72,5 +86,5 @@ def test_entry_point_runs_with_mimalloc_mapped(python):
         'from pretrain import allocator; allocator.ensure_fast_malloc(); '
         "print(any('libmimalloc' in line for line in open('/proc/self/maps')))"
     )
-    assert python(['-c', code], env={'PRETRAIN_MALLOC': 'auto'}).stdout.strip() == 'True'
+    assert python(['-c', code], env={'PRETRAIN_MALLOC': 'mimalloc'}).stdout.strip() == 'True'
     assert python(['-c', code], env={'PRETRAIN_MALLOC': 'system'}).stdout.strip() == 'False'
