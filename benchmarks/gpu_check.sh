@@ -41,8 +41,9 @@ fi
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     $PY -c 'import jax, jaxlib, flax, optax, orbax.checkpoint as o, grain; print("jax", jax.__version__, "jaxlib", jaxlib.__version__, "flax", flax.__version__, "optax", optax.__version__, "orbax", o.__version__); print(jax.devices())'
-    # PRETRAIN_MALLOC=auto preloads this (pretrain/allocator.py); None: the glibc tunables.
-    $PY -c 'from pretrain import allocator; print("mimalloc:", allocator.mimalloc_library())'
+    # pretrain/allocator.py: with a jax GPU plugin, PRETRAIN_MALLOC=auto keeps the glibc
+    # tunables; PRETRAIN_MALLOC=mimalloc bash gpu_check.sh would measure mimalloc here.
+    $PY -c 'from pretrain import allocator as a; print("mimalloc:", a.mimalloc_library(), "accelerator plugin:", a.accelerator_plugin_installed())'
 } 2>&1 | tee -a "$OUT/env.txt"
 
 # 2. Correctness: several pytest workers share the GPU, so no worker preallocates it.
