@@ -139,7 +139,9 @@ def main(argv=None):
     flops, peak = ours['flops']['analytic_per_step'], ours['peak']['total_flops']
     ours_median = ours['timing']['step']['median_s']
     model = open_clip_model(config['model'])
-    results = {'eager': time_steps(torch, model, batch, config, steps=args.steps, warmup=args.warmup)}
+    results = {
+        'eager': time_steps(torch, model, batch, config, steps=args.steps, warmup=args.warmup)
+    }
     if args.compile:
         compiled = torch.compile(model)
         results['compiled'] = time_steps(

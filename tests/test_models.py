@@ -271,6 +271,28 @@ def test_dense_matmul_gradients_match_autodiff(d_in, d_out):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
+def test_layernorm_folded_into_dense_matches_layernorm_then_dense():
+    # Dense(x, norm=ln) folds ln's scale and shift into the kernel and bias: the same function
+    # and the same gradients for x, the LayerNorm's parameters and the Dense's.
+    ln = layers.LayerNorm(12, rngs=nnx.Rngs(0))
+    dense = layers.Dense(12, 20, axes=(None, None), rngs=nnx.Rngs(1))
+    for i, v in enumerate([ln.scale, ln.bias, dense.bias]):
+        v[...] = v[...] + 0.3 * jax.random.normal(jax.random.key(i), v.shape)
+    x = 3.0 * jax.random.normal(jax.random.key(9), (4, 7, 12)) + 1.0
+
+    def loss(folded):
+        def f(ln, dense, x):
+            y = dense(x, norm=ln) if folded else dense(ln(x))
+            return jnp.sum(jnp.sin(y))
+
+        return jax.grad(f, argnums=(0, 1, 2))
+
+    got, want = loss(True)(ln, dense, x), loss(False)(ln, dense, x)
+    np.testing.assert_allclose(dense(x, norm=ln), dense(ln(x)), rtol=1e-5, atol=1e-5)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize('causal', [False, True])
 def test_attention_in_batch_chunks_matches_whole_batch(causal):
     # Attention on CPU runs in batch chunks (layers.Attention); padding masks are per example.
