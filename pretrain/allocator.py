@@ -8,7 +8,7 @@ XLA's CPU runtime is hard on glibc's malloc in two ways (benchmarks/README.md, "
   CPU step with glibc's defaults;
 - many small and mid-sized allocations per op (Eigen's packing buffers, the runtime's own),
   from every worker thread: with glibc tuned against the first problem (one arena), the
-  DreamLIP tiny step spent ~10% of its cycles in `_int_malloc` and ~6% in the kernel.
+  DreamLIP tiny step spent ~10% of its cycles in malloc and ~8% in the kernel.
 
 PRETRAIN_MALLOC picks what to do (Linux only; a process started with LD_PRELOAD is left as it
 is, so `LD_PRELOAD=libjemalloc.so` works as before):
