@@ -26,11 +26,11 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
 from benchmarks import results_io
+from benchmarks.train_step import summarise  # numpy only at import: no jax
 from pretrain.allocator import ensure_fast_malloc
 
 
@@ -117,15 +117,10 @@ def time_steps(torch, model, batch: int, config: dict, *, steps: int, warmup: in
 
 
 def summary(times: list, flops: float, peak: float, batch: int) -> dict:
-    median = statistics.median(times)
-    return {
-        'median_s': median,
-        'mean_s': statistics.fmean(times),
-        'min_s': min(times),
-        'max_s': max(times),
-        'samples_per_s': batch / median,
-        'mfu': flops / median / peak,
-    }
+    """train_step.py's timing summary (median, mean, min, max, all), plus samples/s and MFU."""
+    timing = summarise(times)
+    median = timing['median_s']
+    return {**timing, 'samples_per_s': batch / median, 'mfu': flops / median / peak}
 
 
 def main(argv=None):
