@@ -105,8 +105,9 @@ def malloc_env(environ: dict) -> dict:
 
 def ensure_fast_malloc():
     """Re-executes this process once with the allocator PRETRAIN_MALLOC picks."""
-    env = malloc_env(dict(os.environ))
-    if env.get(REEXEC_MARK) and not os.environ.get(REEXEC_MARK):
+    current = dict(os.environ)
+    env = malloc_env(current)
+    if env is not current:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, sys.orig_argv, env)
