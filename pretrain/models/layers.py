@@ -196,8 +196,8 @@ class Attention(nnx.Module):
     `implementation` (config `model.attention`):
     - 'auto': heads-first einsums on CPU, where they are faster. On GPU with a 16-bit compute
       dtype and no mask, cuDNN's fused flash attention (odd lengths padded by one token,
-      `attention_even_length`); with a mask (a bidirectional text tower's padding) XLA, since cuDNN takes
-      a dense mask only as a bias, and on even lengths only. Otherwise XLA. (jax's own
+      `attention_even_length`); with a mask (a bidirectional text tower's padding) XLA, since
+      cuDNN takes a dense mask only as a bias, and on even lengths only. Otherwise XLA. (jax's own
       `implementation=None` is XLA today, never cuDNN.)
     - 'xla' / 'cudnn': `jax.nn.dot_product_attention` with that implementation on any
       backend ('cudnn' raises where cuDNN cannot run the call, e.g. on CPU).
