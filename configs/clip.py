@@ -1,7 +1,7 @@
 """CLIP: softmax image-text contrast over the global batch.
 
 python -m pretrain.main --config configs/clip.py --workdir /tmp/clip        # CPU, minutes
-python -m pretrain.main --config configs/clip.py:b16 --workdir gs://...     # ViT-B/16 @ 224
+python -m pretrain.main --config configs/clip.py:b16 --workdir /mnt/bucket/clip  # ViT-B/16 @ 224
 """
 
 from configs import common

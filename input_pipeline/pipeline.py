@@ -102,6 +102,12 @@ def _plain(section) -> dict:
     return section.to_dict() if hasattr(section, 'to_dict') else dict(section)
 
 
+def unknown_source(kind: str) -> ValueError:
+    return ValueError(
+        f"unknown input.source '{kind}'; valid: shapes, mixture, {', '.join(DATA_SOURCES)}"
+    )
+
+
 def make_data_source(kind: str, options: dict, *, where: str):
     """A real-data source of format `kind` built from its options (see configs/common.py)."""
     if kind == 'mixture':
@@ -114,9 +120,7 @@ def make_data_source(kind: str, options: dict, *, where: str):
             )
         return mixture.MixtureSource(components, weights, num_records=options['num_records'])
     if kind not in DATA_SOURCES:
-        raise ValueError(
-            f"unknown input.source '{kind}'; valid: shapes, mixture, {', '.join(DATA_SOURCES)}"
-        )
+        raise unknown_source(kind)
     try:
         return DATA_SOURCES[kind](**options)
     except ValueError as e:
@@ -327,6 +331,25 @@ def check_vocab_size(config, tokenizer) -> None:
         )
 
 
+def check_context_length(config, fields) -> None:
+    """Token rows longer than the text tower's position table would fail inside the step."""
+    model = config.get('model')
+    text = model.get('text') if model else None
+    if text is None:
+        return
+    lengths = {}
+    if 'text' in fields:
+        lengths['input.context_length'] = config.input.context_length
+    if 'texts' in fields:
+        lengths['input.subcaption_context_length'] = _get(config.input, 'subcaption_context_length')
+    for key, length in lengths.items():
+        if length > text.context_length:
+            raise ValueError(
+                f'{key} {length} > model.text.context_length {text.context_length}; set '
+                f'--config.model.text.context_length={length}'
+            )
+
+
 def check_mask_patch_size(config, fields) -> None:
     """The MIM mask has one cell per patch of the image tower."""
     model = config.get('model')
@@ -344,8 +367,11 @@ def train_loader(config, *, fields, process_index: int = 0, process_count: int =
     """This process's loader of the configured data; InputError names a bad path or field."""
     inp = config.input
     try:
+        if inp.source not in ('shapes', 'mixture', *DATA_SOURCES):  # before its options are read
+            raise unknown_source(inp.source)
         steps = record_transforms(inp, fields)  # validates fields and probabilities first
         check_vocab_size(config, make_tokenizer(inp))
+        check_context_length(config, fields)
         check_mask_patch_size(config, fields)
         source = make_source(inp, split='train', seed=config.seed)
         check_record_fields(source, caption_source_fields(inp, fields), source_name=inp.source)

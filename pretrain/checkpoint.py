@@ -20,6 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 class Checkpointer:
 
     def __init__(self, workdir: str, config):
+        if config.keep < 1:  # orbax would delete every checkpoint it writes
+            raise ValueError(f'checkpoint.keep must be >= 1, got {config.keep}')
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.keep,
             keep_period=config.keep_every or None,

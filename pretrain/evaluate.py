@@ -166,7 +166,10 @@ def evaluate(
         raise EvalError(str(e)) from None
     if not evaluators:
         raise EvalError('no evaluators configured (config.evals is empty)')
-    mesh = sharding.make_mesh(config.mesh)
+    try:
+        mesh = sharding.make_mesh(config.mesh)
+    except ValueError as e:  # a mesh that does not fit this machine's devices
+        raise EvalError(f'config.{e}') from None
     with jax.set_mesh(mesh):
         if weights is None:
             model = restore_model(config, workdir, step, mesh)
@@ -202,7 +205,7 @@ def main(argv=None) -> int:
         maybe_initialize_distributed(args)
         only = [n.strip() for n in args.only.split(',') if n.strip()] if args.only else None
         evaluate(config, args.workdir, step=args.step, only=only, weights=args.weights)
-    except EvalError as e:
+    except (config_cli.ConfigError, EvalError) as e:  # ConfigError: a model the config rejects
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 
 from pretrain import allocator
 
@@ -79,6 +80,25 @@ def maybe_initialize_distributed(args):
     return processes
 
 
+def workdir_problem(workdir: str) -> str | None:
+    """Why `workdir` cannot hold a run (created if missing), or None."""
+    if '://' in workdir:  # os.makedirs would make a local 'gs:' folder
+        return (
+            f"workdir '{workdir}' is a URL: metrics, config.json and checkpoints are written "
+            'with file I/O; mount the bucket (e.g. gcsfuse) and pass the mount path'
+        )
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        return f"cannot create workdir '{workdir}': {e.strerror}"
+    try:  # os.access says yes to root even where writes fail (/sys, read-only mounts)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        return f"cannot write in workdir '{workdir}': {e.strerror}"
+    return None
+
+
 def main(argv=None) -> int:
     from pretrain import config_cli
 
@@ -93,6 +113,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(name)s: %(message)s')
     logging.getLogger('pretrain').setLevel(logging.INFO)
     logging.getLogger('input_pipeline').setLevel(logging.INFO)
+    problem = workdir_problem(args.workdir)
+    if problem:
+        print(f'error: {problem}', file=sys.stderr)
+        return 2
     maybe_initialize_distributed(args)
 
     from input_pipeline import pipeline

@@ -7,6 +7,7 @@ of hooks with an `every`, so the loop body stays short.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -51,11 +52,40 @@ class Hook:
         return step % self.every == 0 or (self.at_end and step == last)
 
 
-def create_model_and_optimizer(config):
+@contextlib.contextmanager
+def config_errors(section: str):
+    """A ValueError from building `config.<section>` becomes a one-line ConfigError."""
     try:
+        yield
+    except config_cli.ConfigError:
+        raise
+    except (ValueError, NotImplementedError) as e:
+        message = str(e)  # most already start with the section name
+        where = 'config.' if message.startswith(section) else f'config.{section}: '
+        raise config_cli.ConfigError(where + message) from None
+
+
+def check_run_config(config, mesh) -> None:
+    """The run's own numbers, which no builder checks: a bad one is a ConfigError up front."""
+    for key in ('total_steps', 'batch_size', 'grad_accum'):
+        if int(config[key]) < 1:
+            raise config_cli.ConfigError(f'config.{key} must be >= 1, got {config[key]}')
+    batch, accum = config.batch_size, config.grad_accum
+    if batch % accum:
+        raise config_cli.ConfigError(
+            f'config.batch_size {batch} does not split into grad_accum={accum} micro-batches'
+        )
+    shards = mesh.shape['data'] * mesh.shape['fsdp']
+    if batch % shards:
+        raise config_cli.ConfigError(
+            f'config.batch_size {batch} is not divisible by the {shards} batch shards of the '
+            f"mesh (data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']})"
+        )
+
+
+def create_model_and_optimizer(config):
+    with config_errors('model'):  # a bad value (pool, remat, attention, ...): one line
         model = ImageTextModel(config.model, rngs=nnx.Rngs(config.seed))
-    except ValueError as e:  # a bad value (pool, remat, attention, ...): one line, no trace
-        raise config_cli.ConfigError(f'config.model: {e}') from None
     params = nnx.as_pure(nnx.state(model, nnx.Param))
     tx = optim.make_optimizer(config.optim, params, config.total_steps)
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -97,8 +127,13 @@ def run(config, workdir: str) -> dict:
         with open(os.path.join(workdir, 'config.json'), 'w') as f:
             json.dump(config_json, f, indent=2)
 
-    mesh = sharding.make_mesh(config.mesh)
-    objective = compose.build_objective(config.objectives)
+    with config_errors('mesh'):
+        mesh = sharding.make_mesh(config.mesh)
+    check_run_config(config, mesh)
+    with config_errors('objectives'):
+        objective = compose.build_objective(config.objectives)
+    with config_errors('evals'):
+        evaluators = build_evaluators(config)  # cheap: eval data loads at the first eval
     loader = pipeline.train_loader(
         config,
         fields=objective.fields,
@@ -106,7 +141,8 @@ def run(config, workdir: str) -> dict:
         process_count=jax.process_count(),
     )
     writer = metrics_lib.MetricWriter(workdir)
-    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+    with config_errors('checkpoint'):
+        ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     stop = checkpoint.StopSignal()
     total = config.total_steps
 
@@ -149,8 +185,6 @@ def run(config, workdir: str) -> dict:
             # The prefetcher's state counts the batches consumed, not those placed ahead.
             ckpt.save(step, state, data.get_state(), config_json, force=True)
             last_good = step
-
-        evaluators = build_evaluators(config)  # cheap: eval data loads at the first eval
 
         def evaluate(step):
             # Every process runs this: the predict functions span the global mesh. It blocks

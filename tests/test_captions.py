@@ -268,6 +268,7 @@ def _config(**input_overrides):
     config.input.context_length = 128
     config.input.num_subcaptions = 6
     config.input.subcaption_context_length = 128
+    config.model.text.context_length = 128  # the loader checks that the tower takes them
     config.input.image_size = 16
     config.input.epoch_size = 64
     for k, v in input_overrides.items():

@@ -125,6 +125,69 @@ def test_bad_config_is_one_line_error(python, tmp_path, args, message):
     assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    'override, message',
+    [
+        ('--config.mesh.data=3', "config.mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices"),
+        ('--config.total_steps=-5', 'config.total_steps must be >= 1, got -5'),
+        ('--config.batch_size=0', 'config.batch_size must be >= 1, got 0'),
+        ('--config.grad_accum=3', 'config.batch_size 128 does not split into grad_accum=3'),
+        ('--config.checkpoint.keep=0', 'config.checkpoint.keep must be >= 1, got 0'),
+        ('--config.model.dtype=float64', "config.model: unknown dtype 'float64'; valid: float32"),
+        ('--config.model.embed_dim=0', 'config.model: embed_dim must be >= 1, got 0'),
+        (
+            '--config.objectives.dreamlip.multipos_form=x',
+            "config.objectives: dreamlip multipos_form 'x'; valid:",
+        ),
+        ('--config.evals.zeroshot.tasks=("foo",)', 'config.evals.zeroshot.tasks: unknown'),
+        ('--config.input.source=foo', "unknown input.source 'foo'; valid: shapes, mixture"),
+        (
+            '--config.model.text.context_length=10',
+            'input.context_length 26 > model.text.context_length 10',
+        ),
+    ],
+)
+def test_bad_run_value_is_one_line_error_before_training(capsys, tmp_path, override, message):
+    """Values that pass the config parser but cannot run: caught before the first step."""
+    from pretrain import main
+
+    argv = ['--config', 'configs/dreamlip.py', '--workdir', str(tmp_path), override]
+    assert main.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / 'checkpoints' / '1')
+
+
+def test_batch_that_does_not_shard_over_the_mesh_is_a_config_error():
+    from types import SimpleNamespace
+
+    from configs import dreamlip
+    from pretrain import config_cli, train
+
+    mesh = SimpleNamespace(shape={'data': 4, 'fsdp': 2, 'tensor': 1})
+    config = dreamlip.get_config()
+    config.batch_size = 100
+    with pytest.raises(config_cli.ConfigError, match=r'100 is not divisible by the 8 batch shards'):
+        train.check_run_config(config, mesh)
+    config.batch_size = 128
+    train.check_run_config(config, mesh)
+
+
+@pytest.mark.parametrize(
+    'workdir, message',
+    [
+        ('gs://bucket/run', "workdir 'gs://bucket/run' is a URL"),
+        ('/proc/no/such', "cannot create workdir '/proc/no/such'"),
+    ],
+)
+def test_unusable_workdir_is_one_line_error(capsys, workdir, message):
+    from pretrain import main
+
+    assert main.main(['--config', 'configs/dreamlip.py', '--workdir', workdir]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
 def test_resume_logs_the_losses_of_an_uninterrupted_run(python, tmp_path):
     args = [
         '--config',

@@ -43,8 +43,17 @@ class ImageTextModel(nnx.Module):
     """
 
     def __init__(self, config: ConfigDict, *, rngs: nnx.Rngs):
+        if config.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype '{config.dtype}'; valid: {', '.join(DTYPES)}")
         dtype = DTYPES[config.dtype]
         img, txt = config.image, config.text
+        for key, value in [
+            ('embed_dim', config.embed_dim),
+            *((f'image.{k}', img[k]) for k in ('width', 'heads', 'patch', 'image_size')),
+            *((f'text.{k}', txt[k]) for k in ('width', 'heads', 'vocab_size', 'context_length')),
+        ]:
+            if value < 1:
+                raise ValueError(f'{key} must be >= 1, got {value}')
         attention = config.get('attention', 'auto')
         self.image = VisionTransformer(
             width=img.width,
