@@ -204,7 +204,8 @@ def run(config, workdir: str) -> dict:
         # Places the next batches on the mesh while the step runs; 0 = when asked for.
         data = sharding.MeshPrefetcher(loader, mesh, size=config.input.get('device_prefetch', 2))
         pending = None  # device metrics of the previous step, checked one step late
-        t_start, status, step = time.perf_counter(), 'completed', start
+        t_start, step = time.perf_counter(), start
+        status = 'completed' if start < total else 'already complete'
         for step in range(start + 1, total + 1):
             if profiling and step == p0:
                 jax.profiler.start_trace(os.path.join(workdir, 'profile'))
@@ -260,7 +261,13 @@ def run(config, workdir: str) -> dict:
         'checkpoint': ckpt.directory,
         'mfu_peak': peak_source,
     }
-    if is_main:
+    if is_main and start >= total:
+        print(
+            f'nothing to run: the checkpoint in {ckpt.directory} is at step {start} of {total} '
+            '(a larger --config.total_steps continues it, on the schedule of the new total)',
+            flush=True,
+        )
+    elif is_main:
         print(
             f"{status}: step {step}/{total}, {summary['steps_run']} steps in "
             f"{summary['wall_s']:.0f}s, loss {summary['loss']:.4f}, "

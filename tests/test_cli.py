@@ -209,6 +209,10 @@ def test_resume_logs_the_losses_of_an_uninterrupted_run(python, tmp_path):
     for step in got:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
     assert 'completed: step 8/8, 4 steps' in proc.stdout
+    # The same command again: nothing left to run, and nothing written.
+    proc = python(MAIN + args + ['--workdir', resumed])
+    assert 'nothing to run: the checkpoint in' in proc.stdout and 'step 8 of 8' in proc.stdout
+    assert losses(resumed) == got
 
 
 def test_sigterm_saves_exits_zero_and_resumes_exactly(python, tmp_path):
