@@ -8,13 +8,40 @@ Restoring takes the target shardings, so a run saved on one mesh restores onto a
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
+import sys
 import threading
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read into the given state; the message is one line."""
+
+
+class CheckpointReadError(CheckpointError):
+    """Reading a checkpoint's arrays failed (a damaged file); some reads may still be running."""
+
+
+def _let_failed_reads_finish_quietly(seconds: float = 1.0) -> None:
+    """After one read of a damaged checkpoint fails, orbax closes its event loop and every
+    read still in flight prints an 'Event loop is closed' traceback from TensorStore's
+    threads: pages of them around the one line that matters. Wait them out with stderr off."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 class Checkpointer:
@@ -49,14 +76,66 @@ class Checkpointer:
         )
 
     def restore(self, step: int, abstract_state):
-        """`abstract_state`: ShapeDtypeStructs with the shardings to restore onto."""
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-            ),
-        )
+        """`abstract_state`: ShapeDtypeStructs with the shardings to restore onto.
+
+        CheckpointError when the checkpoint holds another model (check_fits), and
+        CheckpointReadError when reading it fails: it names the step, the root cause's first
+        line and the earlier checkpoints one could resume from instead.
+        """
+        self.check_fits(step, abstract_state)
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:  # orbax raises bare Exceptions from TensorStore reads
+            _let_failed_reads_finish_quietly()
+            root = e
+            while root.__cause__ is not None:  # the root cause says what was wrong
+                root = root.__cause__
+            first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+            earlier = [s for s in self.manager.all_steps() if s < step]
+            hint = (
+                f'; earlier checkpoints: {", ".join(map(str, earlier))} (move '
+                f'{os.path.join(self.directory, str(step))} aside to resume from {earlier[-1]})'
+                if earlier
+                else ''
+            )
+            raise CheckpointReadError(
+                f'checkpoint {step} in {self.directory} cannot be read: {first}{hint}'
+            ) from None
         return restored['state'], restored['data']
+
+    def check_fits(self, step: int, abstract_state) -> None:
+        """CheckpointError unless checkpoint `step` holds exactly the arrays of abstract_state.
+
+        Read from the checkpoint's metadata before any array is: a run resumed with other
+        model overrides gets the first differing array named, not a failed TensorStore read.
+        """
+        path = pathlib.Path(self.directory) / str(step) / 'state'
+        stored = {
+            leaf.name: tuple(leaf.shape)
+            for leaf in jax.tree.leaves(ocp.StandardCheckpointHandler().metadata(path))
+        }
+        wanted = {
+            '.'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in key_path): leaf.shape
+            for key_path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)
+        }
+        problems = [f'{n} is missing there' for n in sorted(set(wanted) - set(stored))]
+        problems += [f'{n} is not in this model' for n in sorted(set(stored) - set(wanted))]
+        problems += [
+            f'{n} is {stored[n]} there, {wanted[n]} here'
+            for n in sorted(set(stored) & set(wanted))
+            if stored[n] != tuple(wanted[n])
+        ]
+        if problems:
+            more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
+            raise CheckpointError(
+                f'checkpoint {step} in {self.directory} holds another model than this config: '
+                f'{problems[0]}{more}; pass the model overrides the run was started with'
+            )
 
     def wait(self):
         self.manager.wait_until_finished()

@@ -104,12 +104,10 @@ def restore_model(config, workdir: str, step: int, mesh):
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     try:
         state, _ = ckpt.restore(step, abstract_state)
-    except (ValueError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EvalError(
-            f'checkpoint {step} in {ckpt.directory} does not fit this config '
-            f'(pass the training overrides too): {first}'
-        ) from None
+    except checkpoint.CheckpointReadError:
+        raise  # main exits at once (pretrain.main.exit_after_failed_restore)
+    except checkpoint.CheckpointError as e:
+        raise EvalError(str(e)) from None
     finally:
         ckpt.close()
     model, _ = nnx.merge(graphdef, state)
@@ -186,8 +184,8 @@ def evaluate(
 
 
 def main(argv=None) -> int:
-    from pretrain import config_cli
-    from pretrain.main import maybe_initialize_distributed
+    from pretrain import checkpoint, config_cli
+    from pretrain.main import exit_after_failed_restore, maybe_initialize_distributed
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -205,6 +203,8 @@ def main(argv=None) -> int:
         maybe_initialize_distributed(args)
         only = [n.strip() for n in args.only.split(',') if n.strip()] if args.only else None
         evaluate(config, args.workdir, step=args.step, only=only, weights=args.weights)
+    except checkpoint.CheckpointReadError as e:
+        exit_after_failed_restore(e)
     except (config_cli.ConfigError, EvalError) as e:  # ConfigError: a model the config rejects
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -99,6 +99,13 @@ def workdir_problem(workdir: str) -> str | None:
     return None
 
 
+def exit_after_failed_restore(error) -> None:
+    """Prints `error` and exits 2 at once: orbax leaves the failed reads' coroutines behind,
+    and a normal interpreter exit prints each one's traceback after this line."""
+    print(f'error: {error}', file=sys.stderr, flush=True)
+    os._exit(2)
+
+
 def main(argv=None) -> int:
     from pretrain import config_cli
 
@@ -120,10 +127,12 @@ def main(argv=None) -> int:
     maybe_initialize_distributed(args)
 
     from input_pipeline import pipeline
-    from pretrain import train, weights
+    from pretrain import checkpoint, train, weights
 
     try:
         train.run(config, args.workdir)
+    except checkpoint.CheckpointReadError as e:
+        exit_after_failed_restore(e)
     except train.NonFiniteLoss as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
@@ -131,6 +140,7 @@ def main(argv=None) -> int:
         pipeline.InputError,  # wrong data path or field
         weights.WeightsError,  # init weights that do not fit
         config_cli.ConfigError,  # a config value the model rejects
+        checkpoint.CheckpointError,  # a damaged checkpoint, or one of another model
     ) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -150,7 +150,11 @@ def run(config, workdir: str) -> dict:
         start = ckpt.latest_step() or 0
         if start:
             graphdef, abstract_state, shardings = abstract_train_state(config, mesh)
-            state, data_state = ckpt.restore(start, abstract_state)
+            try:
+                state, data_state = ckpt.restore(start, abstract_state)
+            except checkpoint.CheckpointError:
+                ckpt.close()  # stops orbax's threads before the error reaches the user
+                raise
             loader.set_state(data_state)
             log.info('resumed from step %d (%s)', start, ckpt.directory)
         else:

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -213,6 +214,36 @@ def test_resume_logs_the_losses_of_an_uninterrupted_run(python, tmp_path):
     proc = python(MAIN + args + ['--workdir', resumed])
     assert 'nothing to run: the checkpoint in' in proc.stdout and 'step 8 of 8' in proc.stdout
     assert losses(resumed) == got
+
+
+def test_checkpoint_of_another_model_or_damaged_is_one_line_error(python, tmp_path):
+    args = ['--config', 'configs/clip.py', *TINY, '--config.checkpoint.every=2']
+    workdir = str(tmp_path / 'run')
+    python(MAIN + args + ['--config.total_steps=4', '--workdir', workdir])
+
+    # Resumed with another model: named from the checkpoint's metadata, nothing read.
+    other = ['--config.model.embed_dim=48', '--config.total_steps=6', '--workdir', workdir]
+    proc = python(MAIN + args + other, check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and 'holds another model than this config' in err[0], err
+    assert re.search(r'proj\.kernel\.value is \(\d+, \d+\) there, \(\d+, 48\) here', err[0]), err
+
+    # A damaged checkpoint: the newest has empty array files.
+    data = os.path.join(workdir, 'checkpoints', '4', 'state', 'ocdbt.process_0', 'd')
+    for name in os.listdir(data):
+        open(os.path.join(data, name), 'w').close()
+    proc = python(MAIN + args + ['--config.total_steps=6', '--workdir', workdir], check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) < 5 and err[-1].startswith('error: checkpoint 4 in'), err
+    assert 'cannot be read' in err[-1] and 'aside to resume from 2' in err[-1]
+
+    # Moved aside as the message says, the run resumes from step 2 and loses nothing else.
+    shutil.move(os.path.join(workdir, 'checkpoints', '4'), str(tmp_path / 'damaged-4'))
+    proc = python(MAIN + args + ['--config.total_steps=6', '--workdir', workdir])
+    assert 'completed: step 6/6, 4 steps' in proc.stdout
+    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4', '6']
 
 
 def test_sigterm_saves_exits_zero_and_resumes_exactly(python, tmp_path):
