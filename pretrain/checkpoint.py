@@ -7,10 +7,12 @@ Restoring takes the target shardings, so a run saved on one mesh restores onto a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -28,20 +30,31 @@ class CheckpointReadError(CheckpointError):
     """Reading a checkpoint's arrays failed (a damaged file); some reads may still be running."""
 
 
-def _let_failed_reads_finish_quietly(seconds: float = 1.0) -> None:
-    """After one read of a damaged checkpoint fails, orbax closes its event loop and every
-    read still in flight prints an 'Event loop is closed' traceback from TensorStore's
-    threads: pages of them around the one line that matters. Wait them out with stderr off."""
+@contextlib.contextmanager
+def _stderr_held_back(linger_on_error: float = 1.0):
+    """Holds what is written to fd 2 in a file; gives it back after success, drops it after an
+    exception. When one read of a damaged checkpoint fails, orbax closes its event loop and
+    every TensorStore read still in flight prints an 'Event loop is closed' traceback from its
+    own thread: pages of them around the one line that matters. Those are waited out, unseen."""
     sys.stderr.flush()
     saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        time.sleep(seconds)
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            time.sleep(linger_on_error)
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not failed:
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors='replace'))
+                sys.stderr.flush()
 
 
 class Checkpointer:
@@ -84,29 +97,34 @@ class Checkpointer:
         """
         self.check_fits(step, abstract_state)
         try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-                ),
-            )
+            with _stderr_held_back():
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=ocp.args.JsonRestore(),
+                    ),
+                )
         except Exception as e:  # orbax raises bare Exceptions from TensorStore reads
-            _let_failed_reads_finish_quietly()
-            root = e
-            while root.__cause__ is not None:  # the root cause says what was wrong
-                root = root.__cause__
-            first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
-            earlier = [s for s in self.manager.all_steps() if s < step]
-            hint = (
-                f'; earlier checkpoints: {", ".join(map(str, earlier))} (move '
-                f'{os.path.join(self.directory, str(step))} aside to resume from {earlier[-1]})'
-                if earlier
-                else ''
-            )
-            raise CheckpointReadError(
-                f'checkpoint {step} in {self.directory} cannot be read: {first}{hint}'
-            ) from None
+            raise self._read_error(step, e) from None
         return restored['state'], restored['data']
+
+    def _read_error(self, step: int, error: Exception) -> CheckpointReadError:
+        """One line: the step, the root cause's first line, the checkpoints before it."""
+        root = error
+        while root.__cause__ is not None:  # orbax wraps the TensorStore error that says why
+            root = root.__cause__
+        first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+        earlier = [s for s in self.manager.all_steps() if s < step]
+        hint = (
+            f'; earlier checkpoints: {", ".join(map(str, earlier))} (move '
+            f'{os.path.join(self.directory, str(step))} aside to resume from {earlier[-1]})'
+            if earlier
+            else ''
+        )
+        return CheckpointReadError(
+            f'checkpoint {step} in {self.directory} cannot be read: {first}{hint}'
+        )
 
     def check_fits(self, step: int, abstract_state) -> None:
         """CheckpointError unless checkpoint `step` holds exactly the arrays of abstract_state.
@@ -115,10 +133,11 @@ class Checkpointer:
         model overrides gets the first differing array named, not a failed TensorStore read.
         """
         path = pathlib.Path(self.directory) / str(step) / 'state'
-        stored = {
-            leaf.name: tuple(leaf.shape)
-            for leaf in jax.tree.leaves(ocp.StandardCheckpointHandler().metadata(path))
-        }
+        try:
+            metadata = ocp.StandardCheckpointHandler().metadata(path)
+        except Exception as e:  # no or unreadable metadata: a damaged checkpoint
+            raise self._read_error(step, e) from None
+        stored = {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(metadata)}
         wanted = {
             '.'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in key_path): leaf.shape
             for key_path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)
