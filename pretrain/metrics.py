@@ -90,3 +90,20 @@ def progress_bar(*, start: int, total: int, enabled: bool):
         dynamic_ncols=True,
         smoothing=0.1,
     )
+
+
+# The figure each evaluator is read by: top-1 accuracy, recall@1, mIoU (fractions in the row).
+HEADLINE_SUFFIXES = ('top1', '_r1', '/miou')
+
+
+def eval_line(step: int, row: dict) -> str:
+    """One terminal line for an evaluation row, e.g. 'step 400 eval (5.1 s): zeroshot/top1
+    36.7 | zeroshot/shape_top1 36.3 | ...'; the full row goes to metrics.jsonl."""
+    figures = [
+        f'{key[len("eval/"):]} {100 * value:.1f}'
+        for key, value in row.items()
+        if key.startswith('eval/') and key.endswith(HEADLINE_SUFFIXES) and '/val_' not in key
+    ]
+    seconds = sum(v for k, v in row.items() if k.startswith('eval/') and k.endswith('/seconds'))
+    return f'step {step} eval ({seconds:.1f} s): ' + ' | '.join(figures)
+

@@ -194,7 +194,10 @@ def run(config, workdir: str) -> dict:
             # Every process runs this: the predict functions span the global mesh. It blocks
             # until the results are on the host, so the next step may donate `state`.
             model, _ = nnx.merge(graphdef, state)
-            return run_evaluators(evaluators, model)
+            row = run_evaluators(evaluators, model)
+            if is_main:
+                bar.write(metrics_lib.eval_line(step, row))  # above the bar, which stays
+            return row
 
         hooks = [
             Hook('log', config.log_every, log_metrics),

@@ -71,6 +71,9 @@ def test_training_writes_metrics_tensorboard_config_and_checkpoints(python, tmp_
     with open(os.path.join(wd, 'config.json')) as f:
         assert json.load(f)['total_steps'] == 40
     assert 'completed: step 40/40' in proc.stdout
+    # The terminal shows each evaluation's headline figures as it runs.
+    line = next(x for x in proc.stdout.splitlines() if x.startswith('step 40 eval ('))
+    assert 'zeroshot/top1' in line and 'retrieval/i2t_r1' in line and 'dense_zeroshot/miou' in line
 
 
 def test_default_recipe_learns(python, tmp_path):
@@ -187,6 +190,29 @@ def test_unusable_workdir_is_one_line_error(capsys, workdir, message):
     assert main.main(['--config', 'configs/dreamlip.py', '--workdir', workdir]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_eval_line_shows_each_evaluators_headline_figures():
+    from pretrain import metrics
+
+    row = {
+        'train/loss': 1.0,
+        'eval/zeroshot/top1': 0.367,
+        'eval/zeroshot/top5': 0.9,
+        'eval/zeroshot/shape_top1': 0.363,
+        'eval/zeroshot/seconds': 1.5,
+        'eval/retrieval/i2t_r1': 0.383,
+        'eval/retrieval/i2t_r5': 0.7,
+        'eval/linear_probe/top1': 0.327,
+        'eval/linear_probe/val_top1': 0.33,
+        'eval/dense_zeroshot/miou': 0.068,
+        'eval/dense_zeroshot/miou_ceiling': 0.6,
+        'eval/dense_zeroshot/seconds': 2.0,
+    }
+    assert metrics.eval_line(400, row) == (
+        'step 400 eval (3.5 s): zeroshot/top1 36.7 | zeroshot/shape_top1 36.3 | '
+        'retrieval/i2t_r1 38.3 | linear_probe/top1 32.7 | dense_zeroshot/miou 6.8'
+    )
 
 
 def test_resume_logs_the_losses_of_an_uninterrupted_run(python, tmp_path):
