@@ -165,9 +165,15 @@ def caption_probs(input_config) -> dict[str, float]:
     return captions.check_probabilities(probs, 'input.caption_probs')
 
 
+def extra_text_fields(fields) -> list[str]:
+    """Asked-for fields the pipeline does not build: record text fields, tokenized as `text`
+    is, under their own name (an objective's `text_field='alt_text'`)."""
+    return [f for f in fields if f not in RECORD_FIELDS + CAPTION_FIELDS + VIEW_FIELDS]
+
+
 def caption_source_fields(input_config, fields) -> list[str]:
     """The record fields the caption transforms for `fields` read."""
-    needed = []
+    needed = extra_text_fields(fields)
     if 'text' in fields:
         needed += list(caption_probs(input_config))
     if {'texts', 'texts_valid'} & set(fields):
@@ -233,13 +239,6 @@ def view_transforms(input_config, fields) -> tuple[list, list]:
 
 def record_transforms(input_config, fields) -> list:
     """Builds the view and caption fields as asked, then keeps only `fields`."""
-    buildable = RECORD_FIELDS + CAPTION_FIELDS + VIEW_FIELDS
-    unknown = sorted(set(fields) - set(buildable))
-    if unknown:
-        raise ValueError(
-            f'objectives ask for batch fields {unknown} that input '
-            f"'{input_config.source}' cannot build; it builds: {', '.join(buildable)}"
-        )
     # TwoViews reads record['image'] as read (encoded bytes for real data), so it runs
     # before the decode + crop replaces it; rotations and the mask follow the crop.
     before, after = view_transforms(input_config, fields)
@@ -272,6 +271,8 @@ def record_transforms(input_config, fields) -> list:
                 valid_key='texts_valid',
             )
         )
+    for field in extra_text_fields(fields):  # e.g. a second CLIP term on 'alt_text'
+        steps.append(transforms.Tokenize(field, make_tokenizer(input_config), out_key=field))
     steps.append(transforms.SelectFields(tuple(fields)))
     return steps
 
@@ -300,12 +301,14 @@ def check_record_fields(source, names, *, source_name: str) -> None:
     )
     for part_name, part in parts:
         record = first_record(part, source_name=part_name)
-        missing = [n for n in names if n not in record]
+        text_like = sorted(k for k, v in record.items() if isinstance(v, (str, bytes)))
+        missing = [n for n in names if n not in text_like]
         if missing:
-            text_like = sorted(k for k, v in record.items() if isinstance(v, (str, bytes)))
+            built = RECORD_FIELDS + CAPTION_FIELDS + VIEW_FIELDS
             raise ValueError(
-                f"input names caption field(s) {missing} that '{part_name}' records "
-                f"do not have; their text fields: {', '.join(text_like)}"
+                f"the input's captions or objectives name text field(s) {missing} that "
+                f"'{part_name}' records do not have; their text fields: {', '.join(text_like)}; "
+                f"and the pipeline builds: {', '.join(built)}"
             )
 
 
@@ -338,7 +341,7 @@ def check_context_length(config, fields) -> None:
     if text is None:
         return
     lengths = {}
-    if 'text' in fields:
+    if 'text' in fields or extra_text_fields(fields):
         lengths['input.context_length'] = config.input.context_length
     if 'texts' in fields:
         lengths['input.subcaption_context_length'] = _get(config.input, 'subcaption_context_length')

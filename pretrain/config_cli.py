@@ -71,7 +71,36 @@ def _parse_value(text: str, old):
         return text
 
 
-def apply_override(config: ConfigDict, key: str, text: str):
+# Sections of entries the user names: `--config.objectives.siglip.weight=0.5` adds an entry
+# the config file does not have (SigLIP next to CLIP), and more keys of that new entry may
+# follow. What it may hold is checked where it is built (pretrain/objectives/), so a
+# misspelt option still stops the run with one line.
+OPEN_SECTIONS = ('objectives',)
+
+
+def add_open_entry(config: ConfigDict, key: str, text: str, added: set) -> bool:
+    """Sets `section.name.option` of a new (or command-line-added) entry of an open section;
+    False when `key` is not such a key. The value is a Python literal, else a string."""
+    parts = key.split('.')
+    if len(parts) != 3 or parts[0] not in OPEN_SECTIONS:
+        return False
+    section, name, option = parts
+    if not isinstance(config.get(section), ConfigDict):
+        return False
+    entry = f'{section}.{name}'
+    if name in config[section] and entry not in added:
+        return False  # the config file's own entry: its keys are locked as usual
+    with config.unlocked():
+        if name not in config[section]:
+            config[section][name] = ConfigDict()
+            added.add(entry)
+        config[section][name][option] = _parse_value(text, None)
+    return True
+
+
+def apply_override(config: ConfigDict, key: str, text: str, added: set | None = None):
+    if add_open_entry(config, key, text, set() if added is None else added):
+        return
     *parents, leaf = key.split('.')
     node = config
     for i, part in enumerate(parents + [leaf]):
@@ -128,8 +157,9 @@ def parse_overrides(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
 def build_config(spec: str, overrides: list[tuple[str, str]]) -> ConfigDict:
     config = load_config_file(spec)
     config.lock()
+    added = set()  # entries the command line added to OPEN_SECTIONS
     for key, value in overrides:
-        apply_override(config, key, value)
+        apply_override(config, key, value, added)
     return config
 
 

@@ -647,9 +647,8 @@ def test_objective_weights_fields_and_errors():
     )
     assert grads.logit_scale[...] == 0 and grads.grouping_logit_scale[...] != 0
 
-    with pytest.raises(
-        ValueError, match=r"Unknown dreamlip config keys \['grouping_temperature'\]"
-    ):
+    unknown = r"unknown dreamlip option\(s\) \['grouping_temperature'\]; valid: chunk_size"
+    with pytest.raises(ValueError, match=unknown):
         DreamLip({'grouping_temperature': 0.07})
     with pytest.raises(ValueError, match='multipos_form'):
         DreamLip({'multipos_form': 'triplet'})

@@ -204,7 +204,7 @@ def test_bad_records_counted_and_skipped(tmp_path):
         ),
         (
             lambda c, d: setattr(c.input, 'caption_field', 'title'),
-            r"caption field\(s\) \['title'\] .* text fields: caption, image, image_path, long",
+            r"text field\(s\) \['title'\] .* text fields: caption, image, image_path, long",
         ),
         (
             lambda c, d: setattr(c.model.text, 'vocab_size', 100),

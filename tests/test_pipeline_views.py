@@ -157,5 +157,5 @@ def test_view_config_errors_are_one_line():
     config.input.views.mask_patch_size = 5
     with pytest.raises(pipeline.InputError, match='mask_patch_size 5 does not divide'):
         pipeline.train_loader(config, fields=('mask',))
-    with pytest.raises(pipeline.InputError, match=r"\['view3'\].*it builds: .*view1"):
+    with pytest.raises(pipeline.InputError, match=r"\['view3'\].*pipeline builds: .*view1"):
         pipeline.train_loader(config, fields=('view3',))

@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pretrain.objectives.options import read_options
+
 # open_clip clamps the temperature at 100 so the logits cannot blow up early in
 # training; above it the scale gets no gradient.
 MAX_SCALE = 100.0
@@ -51,10 +53,11 @@ class Clip:
     can thus hold two CLIP terms, e.g. one on alt-text and one on accurate captions.
     """
 
+    CONFIG_KEYS = {'image_field': 'image', 'text_field': 'text'}  # name: default
+
     def __init__(self, config: Any = None):
-        config = config or {}
-        self.image_field = config.get('image_field', 'image')
-        self.text_field = config.get('text_field', 'text')
+        options = read_options('clip', config, self.CONFIG_KEYS)
+        self.image_field, self.text_field = options['image_field'], options['text_field']
         self.fields = (self.image_field, self.text_field)
 
     def __call__(self, model, batch, *, rng=None, train: bool) -> tuple[jax.Array, dict]:

@@ -62,7 +62,10 @@ def build_objective(objectives_config: Mapping[str, Any]) -> Composite:
             )
         if config.get('weight') is None:
             raise ValueError(f'Objective {name!r} needs a `weight`.')
-        weight = float(config['weight'])
+        try:
+            weight = float(config['weight'])
+        except (TypeError, ValueError):
+            raise ValueError(f"Objective {name!r}: weight {config['weight']!r} is not a number.")
         if weight == 0.0:
             continue  # Off: not built, not computed, its fields not loaded.
         terms.append((name, index, weight, OBJECTIVES[kind](config)))

@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pretrain.objectives.clip import MAX_SCALE, clip_loss
+from pretrain.objectives.options import read_options
 from pretrain.objectives.siglip import siglip_loss, siglip_loss_chunked
 
 # Stand-in for -inf in masked logsumexps: exp() of it is 0, yet a row that is masked
@@ -340,13 +341,7 @@ class DreamLip:
     """
 
     def __init__(self, config: Any = None):
-        config = dict(config or {})
-        unknown = set(config) - set(CONFIG_KEYS) - {'weight', 'kind'}
-        if unknown:
-            raise ValueError(
-                f'Unknown dreamlip config keys {sorted(unknown)}; valid: ' f'{sorted(CONFIG_KEYS)}.'
-            )
-        c = {k: config.get(k, v) for k, v in CONFIG_KEYS.items()}
+        c = read_options('dreamlip', config, CONFIG_KEYS)
         if c['global_loss'] not in GLOBAL_LOSSES:
             raise ValueError(f"dreamlip global_loss {c['global_loss']!r}; valid: {GLOBAL_LOSSES}.")
         if c['multipos_form'] not in MULTIPOS_FORMS:

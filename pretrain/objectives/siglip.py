@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pretrain.objectives.options import read_options
+
 
 def _loss_dtype(*arrays) -> jnp.dtype:
     # Loss maths in at least f32 even if the towers ran in bf16 (a sum of B^2
@@ -135,11 +137,12 @@ class Siglip:
     loss with blocks of that many texts), `image_field` ('image'), `text_field` ('text').
     """
 
+    CONFIG_KEYS = {'chunk_size': 0, 'image_field': 'image', 'text_field': 'text'}
+
     def __init__(self, config: Any = None):
-        config = config or {}
-        self.chunk_size = int(config.get('chunk_size', 0))
-        self.image_field = config.get('image_field', 'image')
-        self.text_field = config.get('text_field', 'text')
+        options = read_options('siglip', config, self.CONFIG_KEYS)
+        self.chunk_size = int(options['chunk_size'])
+        self.image_field, self.text_field = options['image_field'], options['text_field']
         self.fields = (self.image_field, self.text_field)
 
     def __call__(self, model, batch, *, rng=None, train: bool) -> tuple[jax.Array, dict]:
