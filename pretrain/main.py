@@ -3,6 +3,10 @@
     python -m pretrain.main --config configs/dreamlip.py --workdir /tmp/run
     python -m pretrain.main --config configs/clip.py:b16 --workdir DIR --config.batch_size=4096
 
+`--config.a.b=value` overrides any field of the config (parsed as that field's type); a
+new `--config.objectives.NAME.weight=w` adds an objective. A bad key or value stops the run
+before its first step with one line.
+
 Rerunning the same command on a workdir with a checkpoint resumes from it. SIGTERM or
 Ctrl-C saves a checkpoint and exits 0. On several hosts the same command runs on each
 (see launch/); JAX distributed is initialised from the environment.
