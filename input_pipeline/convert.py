@@ -29,6 +29,7 @@ import concurrent.futures
 import io
 import json
 import math
+import multiprocessing
 import os
 import sys
 
@@ -195,8 +196,13 @@ def convert(args) -> dict:
             for shard in todo:
                 results.append(write_shard(source, args, shard, num_shards, bar))
         else:
+            # Spawned, not forked: a fork of a process that runs threads (a TFDS reader, or
+            # JAX when called from Python) can deadlock in the child.
             with concurrent.futures.ProcessPoolExecutor(
-                args.num_workers, initializer=_init_worker, initargs=(args,)
+                args.num_workers,
+                mp_context=multiprocessing.get_context('spawn'),
+                initializer=_init_worker,
+                initargs=(args,),
             ) as pool:
                 futures = {
                     pool.submit(_write_shard_in_worker, args, shard, num_shards): shard

@@ -70,7 +70,7 @@ def make_train_step(graphdef, objective, *, lr_schedule, seed: int, grad_accum: 
         metrics = {
             **metrics,
             'loss': loss,
-            'grad_norm': optax.global_norm(grads),
+            'grad_norm': optax.tree.norm(grads),
             'lr': lr_schedule(step),
         }
         return nnx.split((model, optimizer))[1], metrics
