@@ -171,8 +171,10 @@ def synthetic_batch(config, fields, *, rows: int, seed: int = 0) -> dict:
 
     image (rows, S, S, 3) uint8; text (rows, L) int32; texts (rows, K, L_sub) int32 and
     texts_valid (rows, K) bool (DreamLIP sub-captions), as input_pipeline/pipeline.py
-    documents them.
+    documents them; the packed fields from those texts, as captions.PackTexts builds them.
     """
+    from input_pipeline import captions
+
     rng = np.random.default_rng(seed)
     inp = config.input
     batch = {}
@@ -186,11 +188,17 @@ def synthetic_batch(config, fields, *, rows: int, seed: int = 0) -> dict:
             batch[field] = _tokens(rng, (rows, inp.num_subcaptions), inp.subcaption_context_length)
         elif field == 'texts_valid':
             batch[field] = np.ones((rows, inp.num_subcaptions), bool)
-        else:
+        elif field not in captions.PACKED_FIELDS:
             raise ValueError(
                 f"the benchmark cannot synthesise batch field '{field}'; it "
-                'knows image, text, texts, texts_valid'
+                f"knows image, text, texts, texts_valid, {', '.join(captions.PACKED_FIELDS)}"
             )
+    if set(captions.PACKED_FIELDS) & set(fields):  # from the texts above, as the pipeline does
+        pack = captions.PackTexts(inp.packed_length)
+        keys = ('text', 'texts', 'texts_valid')
+        packed = [pack({k: batch[k][i] for k in keys}) for i in range(rows)]
+        for key in (*captions.PACKED_FIELDS, 'texts_valid'):
+            batch[key] = np.stack([p[key] for p in packed])
     return batch
 
 

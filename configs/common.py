@@ -222,6 +222,7 @@ def shapes_input(
             num_subcaptions=num_subcaptions,
             subcaption_context_length=subcaption_context_length,
             subcaption_fill=subcaption_fill,
+            packed_length=0,  # > 0: an image's texts packed in one row (captions.PackTexts)
             context_length=context_length,
             tokenizer=tokenizer,  # 'bytes' or 'shapes_bpe' (no file); see real_input
             tokenizer_path='',
@@ -348,6 +349,7 @@ def real_input(
             num_subcaptions=num_subcaptions,
             subcaption_context_length=subcaption_context_length,
             subcaption_fill=subcaption_fill,
+            packed_length=0,  # > 0: an image's texts packed in one row (captions.PackTexts)
             context_length=context_length,
             tokenizer=tokenizer,
             tokenizer_path=tokenizer_path,

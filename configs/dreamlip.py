@@ -47,6 +47,11 @@ def get_config(arg: str | None = None):
         # equal to 1e-7 over 40 steps); the position table stays 32, so the init is the same.
         # Step 0.400 -> 0.362 s (benchmarks/train_step.py, 2 quiet cores).
         config.input.context_length = 26
+    # Each image's caption and sentences packed back to back in one row of the text tower
+    # (input_pipeline/captions.PackTexts; the same embeddings, to float rounding): on shapes
+    # 52% of the padded text tokens are real. 80 tokens hold every image's caption and 3
+    # sentences (at most 76 seen); a sentence that does not fit is dropped as invalid.
+    config.input.packed_length = 80 if tiny else 0
     config.input.num_subcaptions = 3 if tiny else 6
     config.input.subcaption_context_length = 26 if tiny else 77
     config.model.text.context_length = max(
@@ -69,6 +74,7 @@ def get_config(arg: str | None = None):
             'grouping_weight': 0.1,
             'threshold': -1.0,  # -1: keep patches at or above the uniform weight 1/N
             'ignore_duplicates': True,
+            'packed': tiny,  # needs input.packed_length; :b16 not measured packed yet
         }
     }
     return config

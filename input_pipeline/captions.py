@@ -254,6 +254,67 @@ class SampleSubcaptions(transforms.RandomTransform):
 
 
 # ----------------------------------------------------------------------------
+# Packing an image's texts into one row.
+
+PACKED_FIELDS = ('packed_tokens', 'packed_segments', 'packed_positions', 'packed_ends')
+
+
+@dataclasses.dataclass(frozen=True)
+class PackTexts:
+    """record['text'] (L,) and the valid rows of record['texts'] (K, L'), each padded with
+    `pad_id` at the end, -> their real tokens back to back in one row of `length`:
+
+    packed_tokens (length,): the tokens, then pad_id;
+    packed_segments (length,): j + 1 on text j's tokens (0: the caption), 0 on padding;
+    packed_positions (length,): each token's position inside its own text;
+    packed_ends (1 + K,): where text j's last token (its EOS) sits; 0 for one not packed.
+
+    A causal text tower that attends within segments then gives every text the features it
+    gives it alone (ImageTextModel.encode_packed_texts), at the cost of the real tokens
+    only: on shapes 52% of the padded ones. A sentence that no longer fits is dropped,
+    marked False in texts_valid (the losses skip it); the caption always fits.
+    """
+
+    length: int
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.length < 1:
+            raise ValueError(f'PackTexts: length must be >= 1, got {self.length}')
+
+    def __call__(self, record):
+        texts = [record['text'], *record['texts']]
+        valid = np.array([True, *record['texts_valid']])
+        tokens = np.full(self.length, self.pad_id, np.int32)
+        segments = np.zeros(self.length, np.int32)
+        positions = np.zeros(self.length, np.int32)
+        ends = np.zeros(len(texts), np.int32)
+        at = 0
+        for j, text in enumerate(texts):
+            n = int(np.count_nonzero(np.asarray(text) != self.pad_id))
+            if not valid[j]:
+                continue
+            if at + n > self.length:
+                if j == 0:
+                    raise ValueError(f'PackTexts: a caption of {n} tokens > length {self.length}')
+                valid[j] = False
+                continue
+            tokens[at : at + n] = text[:n]
+            segments[at : at + n] = j + 1
+            positions[at : at + n] = np.arange(n)
+            ends[j] = at + n - 1
+            at += n
+        return {
+            **record,
+            'packed_tokens': tokens,
+            'packed_segments': segments,
+            'packed_positions': positions,
+            'packed_ends': ends,
+            'texts_valid': valid[1:],
+        }
+
+
+# ----------------------------------------------------------------------------
 # Caption-field choice (quality captions).
 
 

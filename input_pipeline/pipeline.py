@@ -45,7 +45,7 @@ from input_pipeline.sources import array_record, coco, folder, mixture, shapes, 
 
 # Batch fields this pipeline can build, beyond the caption fields below.
 RECORD_FIELDS = ('image', 'label', 'shape_label', 'seg', 'instance', 'boxes', 'depth', 'id')
-CAPTION_FIELDS = ('text', 'texts', 'texts_valid')
+CAPTION_FIELDS = ('text', 'texts', 'texts_valid', *captions.PACKED_FIELDS)
 TWO_VIEW_FIELDS = ('view1', 'view2', 'coords1', 'coords2', 'flip1', 'flip2')
 ROTATION_FIELDS = ('rot_image', 'rot_label')
 VIEW_FIELDS = TWO_VIEW_FIELDS + ROTATION_FIELDS + ('mask',)
@@ -58,6 +58,7 @@ _DEFAULTS = dict(
     num_subcaptions=6,
     subcaption_context_length=128,
     subcaption_fill='replace',
+    packed_length=0,
     tokenizer='bytes',
     tokenizer_path='',
 )
@@ -271,6 +272,14 @@ def record_transforms(input_config, fields) -> list:
                 valid_key='texts_valid',
             )
         )
+    if set(captions.PACKED_FIELDS) & set(fields):
+        length = _get(input_config, 'packed_length')
+        if not {'text', 'texts', 'texts_valid'} <= set(fields) or length < 1:
+            raise ValueError(
+                'packed texts need the text, texts and texts_valid fields and '
+                f'input.packed_length >= 1 (got {length})'
+            )
+        steps.append(captions.PackTexts(length, pad_id=make_tokenizer(input_config).pad_id))
     for field in extra_text_fields(fields):  # e.g. a second CLIP term on 'alt_text'
         steps.append(transforms.Tokenize(field, make_tokenizer(input_config), out_key=field))
     steps.append(transforms.SelectFields(tuple(fields)))

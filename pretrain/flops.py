@@ -49,15 +49,20 @@ def train_step_flops(config, fields=('image', 'text')) -> float:
 
     Text lengths are those of the batch (`input.context_length`), not the size of the
     position table; with `texts` in the fields each image also has K sub-captions of
-    `input.subcaption_context_length` tokens through the text tower (DreamLIP).
+    `input.subcaption_context_length` tokens through the text tower (DreamLIP), and with
+    `packed_tokens` its caption and sub-captions are one row of `input.packed_length`
+    (what the tower then computes: attention over the whole row, masked or not).
     """
     batch, txt, inp = config.batch_size, config.model.text, config.input
-    per_example = image_text_forward(config.model, text_length=inp.context_length)
+    packed = 'packed_tokens' in fields
+    text_length = inp.packed_length if packed else inp.context_length
+    per_example = image_text_forward(config.model, text_length=text_length)
     if 'texts' in fields:
-        per_example += inp.num_subcaptions * (
-            transformer_forward(inp.subcaption_context_length, txt.width, txt.depth, txt.mlp_ratio)
-            + 2 * txt.width * config.model.embed_dim
-        )
+        per_example += inp.num_subcaptions * 2 * txt.width * config.model.embed_dim
+        if not packed:
+            per_example += inp.num_subcaptions * transformer_forward(
+                inp.subcaption_context_length, txt.width, txt.depth, txt.mlp_ratio
+            )
     logits = 2 * batch * batch * config.model.embed_dim  # B x B similarity of the losses
     return 3 * (batch * per_example + logits)
 

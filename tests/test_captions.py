@@ -376,3 +376,24 @@ def test_caption_fields_from_the_command_line():
     sample = pipeline.record_transforms(config.input, ("texts",))[0]
     assert (sample.k, sample.fill) == (3, "pad")
     assert pipeline.caption_probs(_config().input) == {"caption": 1.0}
+
+
+def test_pack_texts_puts_real_tokens_back_to_back_and_drops_what_does_not_fit():
+    pad = 0
+    record = {
+        "text": np.array([5, 6, 1, 0, 0], np.int32),  # 3 real tokens
+        "texts": np.array(
+            [[7, 1, 0, 0], [1, 0, 0, 0], [8, 9, 2, 1], [3, 1, 0, 0]], np.int32
+        ),  # 2, (invalid), 4, 2 tokens
+        "texts_valid": np.array([True, False, True, True]),
+    }
+    out = captions.PackTexts(10, pad_id=pad)(record)
+    np.testing.assert_array_equal(out["packed_tokens"], [5, 6, 1, 7, 1, 8, 9, 2, 1, 0])
+    np.testing.assert_array_equal(out["packed_segments"], [1, 1, 1, 2, 2, 4, 4, 4, 4, 0])
+    np.testing.assert_array_equal(out["packed_positions"], [0, 1, 2, 0, 1, 0, 1, 2, 3, 0])
+    # The last sentence (2 tokens) no longer fits in 10: dropped, marked invalid.
+    np.testing.assert_array_equal(out["packed_ends"], [2, 4, 0, 8, 0])
+    np.testing.assert_array_equal(out["texts_valid"], [True, False, True, False])
+    assert record["texts_valid"][3]  # the input record is left as it was
+    with pytest.raises(ValueError, match="a caption of 3 tokens > length 2"):
+        captions.PackTexts(2)(record)

@@ -753,3 +753,46 @@ def test_sharded_matches_unsharded(python):
     # Own process: the 8 CPU devices must be set before JAX starts.
     result = python(['-c', SHARDED_CHECK], devices=8, env={'JAX_PLATFORMS': 'cpu'}, timeout=300)
     assert result.stdout.count(' ok ') == 5, result.stdout
+
+
+def test_packed_texts_give_the_unpacked_loss_and_gradients():
+    """configs/dreamlip.py packs each image's caption and sentences into one text-tower row
+    (captions.PackTexts + ImageTextModel.encode_packed_texts): same loss and gradients."""
+    from configs import dreamlip
+    from input_pipeline import pipeline
+    from pretrain.models.towers import ImageTextModel
+
+    config = dreamlip.get_config()
+    config.batch_size = 16
+    assert config.objectives.dreamlip.packed and config.input.packed_length == 80
+    packed = compose.build_objective(config.objectives)
+    config.objectives.dreamlip.packed = False
+    plain = compose.build_objective(config.objectives)
+    assert packed.fields == plain.fields + (
+        'packed_tokens',
+        'packed_segments',
+        'packed_positions',
+        'packed_ends',
+    )
+    with pipeline.train_loader(config, fields=packed.fields) as loader:
+        batch = next(loader)
+    assert batch['texts_valid'].all()  # 80 tokens hold every shapes image's 1 + 3 texts
+    model = ImageTextModel(config.model, rngs=nnx.Rngs(0))
+    # Every text's embedding, packed, equals its own encode_text.
+    z_packed = model.encode_packed_texts(*(batch[f] for f in packed.fields[4:]))
+    z_caption, _ = model.encode_text(batch['text'])
+    z_sentences, _ = model.encode_text(batch['texts'].reshape(16 * 3, -1))
+    np.testing.assert_allclose(z_packed[:, 0], z_caption, atol=2e-6)
+    np.testing.assert_allclose(z_packed[:, 1:].reshape(48, -1), z_sentences, atol=2e-6)
+
+    (loss_p, metrics_p), grads_p = jit_objective_vg(packed.terms[0][3], model, batch)
+    (loss_u, metrics_u), grads_u = jit_objective_vg(plain.terms[0][3], model, batch)
+    np.testing.assert_allclose(loss_p, loss_u, rtol=1e-6)
+    for key in metrics_u:
+        np.testing.assert_allclose(metrics_p[key], metrics_u[key], rtol=1e-5, err_msg=key)
+    # Float rounding differs (other matmul shapes): measured up to ~1e-6 of each gradient's
+    # largest entry.
+    leaves_p = jax.tree.leaves(nnx.state(grads_p, nnx.Param))
+    leaves_u = jax.tree.leaves(nnx.state(grads_u, nnx.Param))
+    for a, b in zip(leaves_p, leaves_u, strict=True):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max() + 1e-9

@@ -70,6 +70,20 @@ class TextTransformer(nnx.Module):
         )
         self.ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=ln_eps)
 
+    def encode_packed(self, tokens_bl, segments_bl, positions_bl):
+        """Token features (B, L, W) of rows that hold several texts back to back
+        (input_pipeline.captions.PackTexts): each attends only to its own earlier tokens and
+        has its own positions, so it gets the features it gets alone. Causal towers only: a
+        bidirectional one would need no causal mask but the same segments (not needed yet).
+        """
+        if not self.causal:
+            raise ValueError('packed texts need a causal text tower (model.text.causal)')
+        x = self.tok[...].astype(self.dtype)[tokens_bl] + self.pos[...][positions_bl].astype(
+            self.dtype
+        )
+        same_text = segments_bl[:, None, :, None] == segments_bl[:, None, None, :]
+        return self.ln(self.encoder(x, mask=same_text, is_causal=True))
+
     def __call__(self, tokens_bl, *, train: bool = False):
         del train
         b, l = tokens_bl.shape

@@ -146,6 +146,15 @@ class ImageTextModel(nnx.Module):
             'txt/emb': emb,
         }
 
+    def encode_packed_texts(self, tokens, segments, positions, ends):
+        """(B, T, E) L2-normalised embeddings of the T texts packed in each row (PackTexts),
+        read at their EOS positions `ends` (B, T): equal to encode_text of each text alone."""
+        if self.text.pool != 'eos':
+            raise ValueError(f"packed texts need model.text.pool 'eos', not '{self.text.pool}'")
+        x = self.text.encode_packed(tokens, segments, positions)
+        pooled = jnp.take_along_axis(x, ends[..., None], axis=1)
+        return l2_normalize(self.text_proj(pooled))
+
     def __call__(self, image, tokens, *, train: bool = False):
         zimg, img_aux = self.encode_image(image, train=train)
         ztxt, txt_aux = self.encode_text(tokens, train=train)

@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from input_pipeline.captions import PACKED_FIELDS
 from pretrain.objectives.clip import MAX_SCALE, clip_loss
 from pretrain.objectives.options import read_options
 from pretrain.objectives.siglip import siglip_loss, siglip_loss_chunked
@@ -322,6 +323,7 @@ CONFIG_KEYS = {
     'threshold': -1.0,  # grouping sparsity; < 0: 1/N patches (SPARC)
     'ignore_duplicates': True,  # texts equal to a positive are not negatives
     'chunk_size': 0,  # siglip global term: 0 = full logits, else chunked
+    'packed': False,  # encode each image's texts packed in one row (input.packed_length)
     'image_field': 'image',
     'text_field': 'text',  # raw caption (B, L)
     'texts_field': 'texts',  # sub-captions (B, K, L)
@@ -368,9 +370,12 @@ class DreamLip:
                 'dreamlip: clip_weight, multipos_weight and grouping_weight are all 0.'
             )
         self.uses_subcaptions = bool(self.multipos_weight or self.grouping_weight)
+        self.packed = bool(c['packed']) and self.uses_subcaptions
         self.fields = (self.image_field, self.text_field)
         if self.uses_subcaptions:
             self.fields += (self.texts_field, self.texts_valid_field)
+        if self.packed:  # the unpacked tokens stay: duplicate detection hashes them
+            self.fields += PACKED_FIELDS
 
     def _encode_texts(self, model, text_bl, texts_bkl, *, train):
         """(B, L) and (B, K, L) -> (B, 1 + K, E) embeddings, raw caption at index 0.
@@ -408,7 +413,10 @@ class DreamLip:
                     f'dreamlip wants text (B, L), texts (B, K, L), texts_valid (B, K); '
                     f'got {text_bl.shape}, {texts_bkl.shape}, {valid_bk.shape}.'
                 )
-            ztxt_bte = self._encode_texts(model, text_bl, texts_bkl, train=train)
+            if self.packed:  # the same embeddings from the real tokens only (PackTexts)
+                ztxt_bte = model.encode_packed_texts(*(batch[f] for f in PACKED_FIELDS))
+            else:
+                ztxt_bte = self._encode_texts(model, text_bl, texts_bkl, train=train)
             ztxt = ztxt_bte[:, 0]
         else:
             ztxt, _ = model.encode_text(text_bl, train=train)
