@@ -354,6 +354,12 @@ def check_context_length(config, fields) -> None:
         lengths['input.context_length'] = config.input.context_length
     if 'texts' in fields:
         lengths['input.subcaption_context_length'] = _get(config.input, 'subcaption_context_length')
+    packed = _get(config.input, 'packed_length')
+    if set(captions.PACKED_FIELDS) & set(fields) and packed < config.input.context_length:
+        raise ValueError(  # else a long caption would not fit its packed row
+            f'input.packed_length {packed} < input.context_length '
+            f'{config.input.context_length}: every caption must fit'
+        )
     for key, length in lengths.items():
         if length > text.context_length:
             raise ValueError(

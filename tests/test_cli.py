@@ -149,6 +149,7 @@ def test_bad_config_is_one_line_error(python, tmp_path, args, message):
             '--config.model.text.context_length=10',
             'input.context_length 26 > model.text.context_length 10',
         ),
+        ('--config.input.packed_length=10', 'input.packed_length 10 < input.context_length 26'),
     ],
 )
 def test_bad_run_value_is_one_line_error_before_training(capsys, tmp_path, override, message):
