@@ -49,6 +49,7 @@ CAPTION_FIELDS = ('text', 'texts', 'texts_valid', *captions.PACKED_FIELDS)
 TWO_VIEW_FIELDS = ('view1', 'view2', 'coords1', 'coords2', 'flip1', 'flip2')
 ROTATION_FIELDS = ('rot_image', 'rot_label')
 VIEW_FIELDS = TWO_VIEW_FIELDS + ROTATION_FIELDS + ('mask',)
+BUILT_FIELDS = RECORD_FIELDS + CAPTION_FIELDS + VIEW_FIELDS
 
 # `input` keys added after configs were first written; configs without them (e.g. a
 # config.json of an older run) get the behaviour they had.
@@ -169,7 +170,7 @@ def caption_probs(input_config) -> dict[str, float]:
 def extra_text_fields(fields) -> list[str]:
     """Asked-for fields the pipeline does not build: record text fields, tokenized as `text`
     is, under their own name (an objective's `text_field='alt_text'`)."""
-    return [f for f in fields if f not in RECORD_FIELDS + CAPTION_FIELDS + VIEW_FIELDS]
+    return [f for f in fields if f not in BUILT_FIELDS]
 
 
 def caption_source_fields(input_config, fields) -> list[str]:
@@ -247,6 +248,9 @@ def record_transforms(input_config, fields) -> list:
     if {'image', 'rot_image'} & set(fields):
         steps += image_transforms(input_config)
     steps += after
+    extra_texts = extra_text_fields(fields)
+    # One tokenizer (a file to load for sentencepiece / hf) for every text of `text`'s length.
+    tokenizer = make_tokenizer(input_config) if 'text' in fields or extra_texts else None
     if 'text' in fields and input_config.source == 'coco':
         # Five captions an image: `caption` is redrawn among them every epoch.
         steps.append(coco.SampleCaption())
@@ -258,7 +262,7 @@ def record_transforms(input_config, fields) -> list:
             choice = captions.ChooseCaption(probs)
             steps.append(choice)
             field = choice.out_key
-        steps.append(transforms.Tokenize(field, make_tokenizer(input_config), out_key='text'))
+        steps.append(transforms.Tokenize(field, tokenizer, out_key='text'))
     if {'texts', 'texts_valid'} & set(fields):
         steps.append(
             captions.SampleSubcaptions(
@@ -279,9 +283,9 @@ def record_transforms(input_config, fields) -> list:
                 'packed texts need the text, texts and texts_valid fields and '
                 f'input.packed_length >= 1 (got {length})'
             )
-        steps.append(captions.PackTexts(length, pad_id=make_tokenizer(input_config).pad_id))
-    for field in extra_text_fields(fields):  # e.g. a second CLIP term on 'alt_text'
-        steps.append(transforms.Tokenize(field, make_tokenizer(input_config), out_key=field))
+        steps.append(captions.PackTexts(length, pad_id=tokenizer.pad_id))
+    for field in extra_texts:  # e.g. a second CLIP term on 'alt_text'
+        steps.append(transforms.Tokenize(field, tokenizer, out_key=field))
     steps.append(transforms.SelectFields(tuple(fields)))
     return steps
 
@@ -313,11 +317,10 @@ def check_record_fields(source, names, *, source_name: str) -> None:
         text_like = sorted(k for k, v in record.items() if isinstance(v, (str, bytes)))
         missing = [n for n in names if n not in text_like]
         if missing:
-            built = RECORD_FIELDS + CAPTION_FIELDS + VIEW_FIELDS
             raise ValueError(
                 f"the input's captions or objectives name text field(s) {missing} that "
                 f"'{part_name}' records do not have; their text fields: {', '.join(text_like)}; "
-                f"and the pipeline builds: {', '.join(built)}"
+                f"and the pipeline builds: {', '.join(BUILT_FIELDS)}"
             )
 
 
