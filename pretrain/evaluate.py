@@ -147,7 +147,7 @@ def evaluate(
     export `weights`; returns the metrics row (also written to `workdir`'s metrics if any)."""
     import jax
 
-    from pretrain import metrics as metrics_lib, sharding
+    from pretrain import metrics as metrics_lib, sharding, train
     from pretrain.evaluators import build_evaluators, run_evaluators
 
     if weights is None:
@@ -164,10 +164,8 @@ def evaluate(
         raise EvalError(str(e)) from None
     if not evaluators:
         raise EvalError('no evaluators configured (config.evals is empty)')
-    try:
+    with train.config_errors('mesh'):  # a mesh that does not fit this machine's devices
         mesh = sharding.make_mesh(config.mesh)
-    except ValueError as e:  # a mesh that does not fit this machine's devices
-        raise EvalError(f'config.{e}') from None
     with jax.set_mesh(mesh):
         if weights is None:
             model = restore_model(config, workdir, step, mesh)
