@@ -3,20 +3,22 @@
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [quick]
 #
-# BATCH (512), STEPS (10) and TRAIN_STEPS (400) size steps 3 and 4; a CPU dry run of the
+# BATCH (512), STEPS (10) and TRAIN_STEPS (400) size steps 2 and 4; a CPU dry run of the
 # script itself: PYTHON=python BATCH=2 STEPS=1 TRAIN_STEPS=10 bash benchmarks/gpu_check.sh
 #
 # 1. the machine and the versions in use;
-# 2. correctness on the GPU: the model and objective tests (numpy references, loss and
+# 2. CLIP ViT-B/16 at 224 in bf16 (configs/clip.py:b16), one GPU: benchmarks/train_step.py at
+#    batch 512 as shipped (remat off, cuDNN attention via 'auto', 3 traced steps for the top
+#    ops), with XLA's attention, and with remat 'dots_saveable' and 'nothing_saveable' (the
+#    memory-saving choices: 50 / 23 / 6 GB of XLA temporaries on an H100);
+# 3. correctness on the GPU: the model and objective tests (numpy references, loss and
 #    gradients; cuDNN attention against XLA's in bf16);
-# 3. CLIP ViT-B/16 at 224 in bf16 (configs/clip.py:b16), one GPU: benchmarks/train_step.py at
-#    batch 512 with cuDNN attention ('auto'), with XLA attention, and as shipped (remat
-#    'nothing_saveable'); the first also traces 3 steps and records the top ops;
 # 4. the quick start's config (configs/dreamlip.py) trained for 400 steps on the GPU, with its
 #    evaluations, checkpoints and metrics, as a user runs it.
 # Everything lands in $OUT, in 8 files (the device tool returns no more). 'quick' stops after
-# step 3's first benchmark. Each B/16 benchmark takes about a minute (31 s of it compiling;
-# 137 s with XLA's Triton GEMMs, which pretrain.main.GPU_XLA_FLAGS turns off).
+# step 2's first benchmark. Each B/16 benchmark takes about a minute (31 s of it compiling;
+# 137 s with XLA's Triton GEMMs, which pretrain.main.GPU_XLA_FLAGS turns off); the whole
+# script took 6.5 minutes on an H100 (7 with the machine's start).
 #
 # On a machine without the project's pins installed (this workplace's GPU image has its own
 # jax), missing packages come as wheels in .whl/ (see the device tool's README): where the
@@ -46,12 +48,7 @@ fi
     $PY -c 'from pretrain import allocator as a; print("mimalloc:", a.mimalloc_library(), "accelerator plugin:", a.accelerator_plugin_installed())'
 } 2>&1 | tee -a "$OUT/env.txt"
 
-# 2. Correctness: several pytest workers share the GPU, so no worker preallocates it.
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 180 $PY -m pytest -q -p no:cacheprovider -n 4 \
-    tests/test_models.py tests/test_objectives.py tests/test_optim.py 2>&1 | tail -25 \
-    | tee "$OUT/tests.txt"
-
-# 3. ViT-B/16 CLIP at 224, bf16, batch 512 on one GPU.
+# 2. ViT-B/16 CLIP at 224, bf16, batch 512 on one GPU.
 bench() {
     local name=$1
     shift
@@ -59,16 +56,22 @@ bench() {
         --config.batch_size=${BATCH:-512} --steps ${STEPS:-10} --warmup 3 --out "$OUT/$name.json" "$@" \
         2>&1 | grep -v '^W0000\|^I0000' | tail -8 | tee -a "$OUT/bench.log"
 }
-bench clip_b16_cudnn --config.model.remat=none --config.model.attention=auto \
-    --profile_steps 3 --label 'remat none, attention auto (cuDNN)'
+bench clip_b16_cudnn --profile_steps 3 --label 'as shipped: remat none, attention auto (cuDNN)'
 [ "${1:-}" = quick ] && exit 0
-bench clip_b16_xla --config.model.remat=none --config.model.attention=xla \
-    --label 'remat none, attention xla'
-bench clip_b16_shipped --label 'as shipped: remat nothing_saveable, attention auto'
+bench clip_b16_xla --config.model.attention=xla --label 'remat none, attention xla'
+bench clip_b16_dots_saveable --config.model.remat=dots_saveable \
+    --label 'remat dots_saveable, attention auto'
+bench clip_b16_nothing_saveable --config.model.remat=nothing_saveable \
+    --label 'remat nothing_saveable, attention auto'
+
+# 3. Correctness: several pytest workers share the GPU, so no worker preallocates it.
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 $PY -m pytest -q -p no:cacheprovider -n 4 \
+    tests/test_models.py tests/test_objectives.py tests/test_optim.py 2>&1 | tail -25 \
+    | tee "$OUT/tests.txt"
 
 # 4. The quick start's config on the GPU (f32, as the CPU recipe), TRAIN_STEPS steps.
 rm -rf /tmp/gpu_dreamlip
-/usr/bin/time -f 'wall %e s' timeout 300 $PY -m pretrain.main --config configs/dreamlip.py \
+/usr/bin/time -f 'wall %e s' timeout 170 $PY -m pretrain.main --config configs/dreamlip.py \
     --workdir /tmp/gpu_dreamlip --config.total_steps=${TRAIN_STEPS:-400} --config.progress=false 2>&1 \
     | grep -v '^W0000\|^I0000' | tail -30 | tee -a "$OUT/bench.log"
 cp /tmp/gpu_dreamlip/metrics.jsonl "$OUT/dreamlip_metrics.jsonl" 2>/dev/null

@@ -230,7 +230,10 @@ def shapes_input(
             epoch_size=1_000_000,
             num_threads=2,
             prefetch=2,
-            num_workers=0,  # > 0: batches built in that many processes (-1: one per core)
+            # Rendering is pure Python, which threads do not scale: one worker process per
+            # core (at most 32). On 2 cores as fast as 0 (in process); on an H100 host, 0
+            # left the GPU waiting: 0.17-0.19 s per DreamLIP step (benchmarks/README.md).
+            num_workers=-1,
             device_prefetch=2,  # batches placed on the mesh ahead of the step; 0 = off
             views=views_options(),  # extra views, built only when an objective asks
             max_bad_fraction=0.01,

@@ -41,7 +41,8 @@ Measured on the shared 2-core development machine (load average ~8 from other
 work, so only relative and noisy; batches of 32, 500x375 JPEGs -> 224, median
 of 4 interleaved rounds): 1 thread 338 images/s, 2 threads 346, 1 worker
 process 218, 2 workers 254. With no idle core there, processes only add the
-copy, so 0 (threads only) is the default; `-1` means one worker per core.
+copy, so 0 (threads only) is the default for JPEG data; `-1` means one worker per
+core, at most 32 (the default for the shapes renderer, which is pure Python).
 
 Randomness. Random transforms (transforms.RandomTransform: sub-caption
 sampling, caption choice) get a Generator seeded from (seed, epoch, source
@@ -326,10 +327,14 @@ class Loader:
         self.close()
 
 
+MAX_AUTO_WORKERS = 32  # what -1 starts at most: each worker imports the data stack
+
+
 def _worker_count(num_workers: int) -> int:
-    """num_workers, with -1 meaning one per CPU core this process may run on."""
+    """num_workers, with -1 meaning one per CPU core this process may run on (at most 32)."""
     if num_workers == -1:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return min(cores, MAX_AUTO_WORKERS)
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0 or -1 (one per CPU core), got {num_workers}")
     return int(num_workers)

@@ -90,12 +90,12 @@ def siglip_loss_chunked(
         # Retrieval metrics need no gradient; stop it here so that no metric
         # state becomes a residual of the backward pass.
         logits_bc = jax.lax.stop_gradient(logits_bc)
-        text_ids_c = start + jnp.arange(chunk_size)
-        t2i_hits = jnp.sum(jnp.argmax(logits_bc, axis=0) == text_ids_c)
+        text_ids_c = start + jnp.arange(chunk_size, dtype=jnp.int32)
+        t2i_hits = jnp.sum(jnp.argmax(logits_bc, axis=0) == text_ids_c, dtype=jnp.int32)
         return softplus_sum, (
             t2i_hits,
             jnp.max(logits_bc, axis=1),
-            start + jnp.argmax(logits_bc, axis=1),
+            start + jnp.argmax(logits_bc, axis=1).astype(jnp.int32),
         )
 
     def step(carry, xs):
@@ -117,7 +117,10 @@ def siglip_loss_chunked(
         jnp.full((n,), -jnp.inf, dtype),
         jnp.zeros((n,), jnp.int32),
     )
-    xs = (ztxt_be.reshape(num_chunks, chunk_size, e), jnp.arange(num_chunks) * chunk_size)
+    xs = (
+        ztxt_be.reshape(num_chunks, chunk_size, e),
+        jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size,
+    )
     (softplus_sum, t2i_hits, _, best_idx_b), _ = jax.lax.scan(step, init, xs)
     loss = (softplus_sum - jnp.sum(positives_b)) / n
 
