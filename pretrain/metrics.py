@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -61,11 +62,21 @@ class MetricWriter:
 
 
 class Throughput:
-    """Samples/s and MFU over the steps since the last call (host wall clock)."""
+    """Samples/s and MFU over the steps since the last call (host wall clock), and the share
+    of that time the loop waited for its next batch: near 0 when the input pipeline keeps up,
+    large when it sets the pace (raise input.num_workers / num_threads)."""
 
     def __init__(self, *, batch_size: int, flops_per_step: float, peak_flops: float):
         self.batch_size, self.flops_per_step, self.peak = batch_size, flops_per_step, peak_flops
-        self._t, self._step = None, None
+        self._t, self._step, self._waited = None, None, 0.0
+
+    @contextlib.contextmanager
+    def waiting_for_data(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._waited += time.perf_counter() - t
 
     def __call__(self, step: int) -> dict:
         now = time.perf_counter()
@@ -76,8 +87,9 @@ class Throughput:
                 'perf/step_time_s': dt,
                 'perf/samples_per_s': self.batch_size / dt,
                 'perf/mfu': self.flops_per_step / dt / self.peak,
+                'perf/data_wait_frac': self._waited / (now - self._t),
             }
-        self._t, self._step = now, step
+        self._t, self._step, self._waited = now, step, 0.0
         return out
 
 

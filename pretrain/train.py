@@ -217,7 +217,8 @@ def run(config, workdir: str) -> dict:
             if profiling and step == p0:
                 jax.profiler.start_trace(os.path.join(workdir, 'profile'))
                 tracing = True
-            batch = next(data)
+            with throughput.waiting_for_data():
+                batch = next(data)
             state, device_metrics = train_step(state, batch)
             stopping = agreement.poll()  # the same answer on every process
             if tracing and step == p0 + pn:

@@ -54,9 +54,11 @@ def test_training_writes_metrics_tensorboard_config_and_checkpoints(python, tmp_
         'train/grad_norm',
         'perf/samples_per_s',
         'perf/mfu',
+        'perf/data_wait_frac',
         'data/skipped',
     ):
         assert key in rows[-1], key
+    assert 0 <= rows[-1]['perf/data_wait_frac'] < 1
     # Evaluators share the step's row: zero-shot, retrieval, linear probe and dense.
     for key in (
         'eval/zeroshot/top1',
@@ -191,6 +193,23 @@ def test_unusable_workdir_is_one_line_error(capsys, workdir, message):
     assert main.main(['--config', 'configs/dreamlip.py', '--workdir', workdir]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_throughput_reports_the_share_of_time_spent_waiting_for_data(monkeypatch):
+    from pretrain import metrics
+
+    clock = iter([10.0, 10.5, 11.5, 12.0, 12.5, 14.0])  # perf_counter, call by call
+    monkeypatch.setattr(metrics.time, 'perf_counter', lambda: next(clock))
+    throughput = metrics.Throughput(batch_size=8, flops_per_step=1e9, peak_flops=1e10)
+    assert throughput(0) == {}  # t = 10
+    with throughput.waiting_for_data():  # 10.5 -> 11.5: 1 s waiting
+        pass
+    with throughput.waiting_for_data():  # 12.0 -> 12.5: 0.5 s more
+        pass
+    row = throughput(2)  # t = 14: 4 s for 2 steps
+    assert row['perf/step_time_s'] == 2.0 and row['perf/samples_per_s'] == 4.0
+    assert row['perf/mfu'] == 1e9 / 2.0 / 1e10
+    assert row['perf/data_wait_frac'] == 1.5 / 4.0
 
 
 def test_eval_line_shows_each_evaluators_headline_figures():
