@@ -8,9 +8,9 @@
 #
 # 1. the machine and the versions in use;
 # 2. CLIP ViT-B/16 at 224 in bf16 (configs/clip.py:b16), one GPU: benchmarks/train_step.py at
-#    batch 512 as shipped (remat off, cuDNN attention via 'auto', 3 traced steps for the top
-#    ops), with XLA's attention, and with remat 'dots_saveable' and 'nothing_saveable' (the
-#    memory-saving choices: 50 / 23 / 6 GB of XLA temporaries on an H100);
+#    batch 512 with remat off and cuDNN attention via 'auto' (3 traced steps for the top ops),
+#    with XLA's attention, and with remat 'dots_saveable' and 'nothing_saveable' (shipped):
+#    50 / 23 / 6 GB of XLA temporaries on an H100;
 # 3. correctness on the GPU: the model and objective tests (numpy references, loss and
 #    gradients; cuDNN attention against XLA's in bf16);
 # 4. the quick start's config (configs/dreamlip.py) trained for 400 steps on the GPU, with its
@@ -56,13 +56,14 @@ bench() {
         --config.batch_size=${BATCH:-512} --steps ${STEPS:-10} --warmup 3 --out "$OUT/$name.json" "$@" \
         2>&1 | grep -v '^W0000\|^I0000' | tail -8 | tee -a "$OUT/bench.log"
 }
-bench clip_b16_cudnn --profile_steps 3 --label 'as shipped: remat none, attention auto (cuDNN)'
+bench clip_b16_cudnn --config.model.remat=none --profile_steps 3 \
+    --label 'remat none, attention auto (cuDNN)'
 [ "${1:-}" = quick ] && exit 0
-bench clip_b16_xla --config.model.attention=xla --label 'remat none, attention xla'
+bench clip_b16_xla --config.model.remat=none --config.model.attention=xla \
+    --label 'remat none, attention xla'
 bench clip_b16_dots_saveable --config.model.remat=dots_saveable \
     --label 'remat dots_saveable, attention auto'
-bench clip_b16_nothing_saveable --config.model.remat=nothing_saveable \
-    --label 'remat nothing_saveable, attention auto'
+bench clip_b16_nothing_saveable --label 'as shipped: remat nothing_saveable, attention auto'
 
 # 3. Correctness: several pytest workers share the GPU, so no worker preallocates it.
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 $PY -m pytest -q -p no:cacheprovider -n 4 \
