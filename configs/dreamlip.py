@@ -39,7 +39,7 @@ def get_config(arg: str | None = None):
         # still high. With this 1,600-step schedule (step 400 / 800 / 1,200 / 1,600):
         # zero-shot 36.7 / 53.5 / 85.0 / 89.1, shape 38.5 / 47.7 / 75.6 / 79.5; a 1,200-step
         # schedule ends at 69.7 / 59.2 and an 800-step one at 51.6 / 44.7.
-        # ~8-9 minutes on 2 cores; --config.total_steps=400 is a ~3-minute smoke run.
+        # ~8.5-9.5 minutes on 2 cores; --config.total_steps=400 is a ~3-minute smoke run.
         config.total_steps = 1600
         # Shapes texts in the shapes BPE, EOS included (3,000 train scenes): captions <= 15
         # tokens, alt-text <= 25, long-caption sentences <= 26. Texts of 26 tokens cut no
