@@ -93,6 +93,21 @@ class Throughput:
         return out
 
 
+INPUT_BOUND_FRACTION = 0.3
+
+
+def input_bound_line(step: int, row: dict) -> str | None:
+    """A terminal line when the loop spent over 30% of a logging interval waiting for
+    batches: the input pipeline, not the step, sets the pace (e.g. a small model on a GPU)."""
+    waited = row.get('perf/data_wait_frac', 0.0)
+    if waited <= INPUT_BOUND_FRACTION:
+        return None
+    return (
+        f'step {step}: the loop waited {waited:.0%} of the time for batches; the input '
+        'pipeline sets the pace (raise --config.input.num_workers or num_threads)'
+    )
+
+
 def progress_bar(*, start: int, total: int, enabled: bool):
     return tqdm.tqdm(
         total=total,

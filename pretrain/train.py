@@ -177,11 +177,18 @@ def run(config, workdir: str) -> dict:
         )
         last_metrics: dict = {}
 
+        input_bound_said = False
+
         def log_metrics(step):
+            nonlocal input_bound_said
             row = {f'train/{k}': v for k, v in last_metrics.items()}
             row.update(throughput(step))
             row['data/skipped'] = data.skipped
             bar.set_postfix(loss=f"{row['train/loss']:.4f}", refresh=False)
+            line = metrics_lib.input_bound_line(step, row)
+            if line and is_main and not input_bound_said:  # once: the row has it every time
+                bar.write(line)
+                input_bound_said = True
             return row
 
         def save(step):

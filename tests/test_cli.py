@@ -210,6 +210,9 @@ def test_throughput_reports_the_share_of_time_spent_waiting_for_data(monkeypatch
     assert row['perf/step_time_s'] == 2.0 and row['perf/samples_per_s'] == 4.0
     assert row['perf/mfu'] == 1e9 / 2.0 / 1e10
     assert row['perf/data_wait_frac'] == 1.5 / 4.0
+    # Over 30% waiting: one terminal line says the input pipeline sets the pace.
+    assert 'waited 38% of the time' in metrics.input_bound_line(2, row)
+    assert metrics.input_bound_line(2, {**row, 'perf/data_wait_frac': 0.05}) is None
 
 
 def test_eval_line_shows_each_evaluators_headline_figures():
