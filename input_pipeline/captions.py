@@ -291,9 +291,9 @@ class PackTexts:
         ends = np.zeros(len(texts), np.int32)
         at = 0
         for j, text in enumerate(texts):
-            n = int(np.count_nonzero(np.asarray(text) != self.pad_id))
             if not valid[j]:
                 continue
+            n = int(np.count_nonzero(np.asarray(text) != self.pad_id))
             if at + n > self.length:
                 if j == 0:
                     raise ValueError(f'PackTexts: a caption of {n} tokens > length {self.length}')

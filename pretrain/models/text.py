@@ -70,6 +70,10 @@ class TextTransformer(nnx.Module):
         )
         self.ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=ln_eps)
 
+    def _embed(self, tokens_bl, pos_emb):
+        """Token embeddings plus `pos_emb`, the position table read at each token's place."""
+        return self.tok[...].astype(self.dtype)[tokens_bl] + pos_emb.astype(self.dtype)
+
     def encode_packed(self, tokens_bl, segments_bl, positions_bl):
         """Token features (B, L, W) of rows that hold several texts back to back
         (input_pipeline.captions.PackTexts): each attends only to its own earlier tokens and
@@ -78,9 +82,7 @@ class TextTransformer(nnx.Module):
         """
         if not self.causal:
             raise ValueError('packed texts need a causal text tower (model.text.causal)')
-        x = self.tok[...].astype(self.dtype)[tokens_bl] + self.pos[...][positions_bl].astype(
-            self.dtype
-        )
+        x = self._embed(tokens_bl, self.pos[...][positions_bl])
         same_text = segments_bl[:, None, :, None] == segments_bl[:, None, None, :]
         return self.ln(self.encoder(x, mask=same_text, is_causal=True))
 
@@ -90,7 +92,7 @@ class TextTransformer(nnx.Module):
         if l > self.context_length:
             raise ValueError(f'{l} tokens exceed the context length {self.context_length}')
         valid_bl = tokens_bl != self.pad_id
-        x = self.tok[...].astype(self.dtype)[tokens_bl] + self.pos[...][:l].astype(self.dtype)
+        x = self._embed(tokens_bl, self.pos[...][:l])
         if self.causal:
             # Causal attention never looks right, so padding after EOS cannot leak in.
             x = self.encoder(x, is_causal=True)
