@@ -17,8 +17,8 @@
 #    evaluations, checkpoints and metrics, as a user runs it.
 # Everything lands in $OUT, in 8 files (the device tool returns no more). 'quick' stops after
 # step 2's first benchmark. Each B/16 benchmark takes about a minute (31 s of it compiling;
-# 137 s with XLA's Triton GEMMs, which pretrain.main.GPU_XLA_FLAGS turns off); the whole
-# script took 6.5 minutes on an H100 (7 with the machine's start).
+# 137 s with XLA's Triton GEMMs, which pretrain.main.GPU_XLA_FLAGS turns off). With three
+# benchmarks the script took 6.5 minutes on an H100; the fourth adds about one.
 #
 # On a machine without the project's pins installed (this workplace's GPU image has its own
 # jax), missing packages come as wheels in .whl/ (see the device tool's README): where the
