@@ -10,7 +10,7 @@ from configs import clip, common
 from pretrain.models import layers
 from pretrain.models.text import TextTransformer
 from pretrain.models.towers import ImageTextModel
-from pretrain.models.vit import VisionTransformer, interpolate_posemb
+from pretrain.models.vit import VisionTransformer, interpolate_posemb, sincos2d_posemb
 
 
 def np_layernorm(x, scale, bias, eps=1e-6):
@@ -99,6 +99,50 @@ def test_posemb_interpolation_runs_at_other_resolutions():
     table = jnp.arange(16 * 2, dtype=jnp.float32).reshape(16, 2)
     np.testing.assert_array_equal(interpolate_posemb(table, (4, 4)), table)
     assert interpolate_posemb(table, (8, 8)).shape == (64, 2)
+
+
+def test_sincos2d_positions_match_numpy_and_follow_the_grid():
+    # Independent reference: per patch (row r, column c) and frequency w_i = 10000^(-i/(d/4)),
+    # the channels are sin(c w), cos(c w), sin(r w), cos(r w), each a quarter of d.
+    grid, d = (3, 5), 16
+    w = 10000.0 ** -(np.arange(d // 4) / (d // 4))
+    want = np.array(
+        [
+            np.concatenate([np.sin(c * w), np.cos(c * w), np.sin(r * w), np.cos(r * w)])
+            for r in range(grid[0])
+            for c in range(grid[1])
+        ]
+    )
+    np.testing.assert_allclose(np.asarray(sincos2d_posemb(grid, d)), want, atol=1e-6)
+    with pytest.raises(ValueError, match='divisible by 4'):
+        sincos2d_posemb(grid, 18)
+
+    vit = VisionTransformer(
+        width=16,
+        depth=1,
+        heads=2,
+        patch=4,
+        image_size=8,
+        pool='cls',
+        posemb='sincos2d',
+        rngs=nnx.Rngs(0),
+    )
+    assert vit.pos is None  # no parameter: nothing to train, decay or resize
+    img = np.random.default_rng(2).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
+    tokens, grid = vit.embed_tokens(jnp.asarray(img))
+    p = np_params(vit)
+    x = img.astype(np.float64) * 2 / 255 - 1
+    x = x.reshape(2, 2, 4, 2, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 48)
+    x = x @ p['embed']['kernel'] + p['embed']['bias'] + np.asarray(sincos2d_posemb((2, 2), 16))
+    np.testing.assert_allclose(np.asarray(tokens[:, 1:]), x, rtol=1e-5, atol=1e-5)
+    # At another resolution the table is computed for that grid, not interpolated.
+    np.testing.assert_array_equal(vit.positions((3, 4)), sincos2d_posemb((3, 4), 16))
+    _, aux = vit(jnp.zeros((1, 12, 16, 3), jnp.uint8))
+    assert aux['tokens'].shape == (1, 12, 16) and aux['grid'] == (3, 4)
+    with pytest.raises(ValueError, match="unknown posemb 'sincos'; valid: learn, sincos2d"):
+        VisionTransformer(
+            width=16, depth=1, heads=2, patch=4, image_size=8, posemb='sincos', rngs=nnx.Rngs(0)
+        )
 
 
 def test_text_pooling_ignores_padding_and_future_tokens():

@@ -198,6 +198,30 @@ def test_hf_export_round_trips(fmt, tmp_path):
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
 
 
+def test_hf_export_writes_sincos2d_positions_as_the_learned_table(tmp_path):
+    """A model with fixed sincos2d positions exports to HF CLIP (which has a learned table)
+    and comes back as a 'learn' model with the same embeddings; importing HF weights into a
+    sincos2d model is refused with the override to set."""
+    path, knobs = LAYOUTS['hf_clip']
+    config = tiny_config(**knobs)
+    config.image.posemb = 'sincos2d'
+    model = exported.build_model(config, seed=4)
+    out = weights.save_hf(str(tmp_path / 'hf'), model, config, 'hf_clip')
+    with pytest.raises(weights.WeightsError, match='image.posemb=learn'):
+        weights.import_weights(exported.build_model(config), config, 'hf_clip', out)
+    learned = tiny_config(**knobs)
+    again = exported.build_model(learned, seed=5)
+    weights.import_weights(again, learned, 'hf_clip', out)
+    size = config.image.image_size
+    image = np.random.default_rng(0).integers(0, 256, (2, size, size, 3)).astype(np.uint8)
+    np.testing.assert_allclose(
+        np.asarray(again.encode_image(jnp.asarray(image))[0]),
+        np.asarray(model.encode_image(jnp.asarray(image))[0]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
 def test_export_refuses_a_model_of_another_layout():
     config = tiny_config()  # this codebase's default ViT: patch bias, no ln_pre
     model = exported.build_model(config)

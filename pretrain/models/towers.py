@@ -72,6 +72,7 @@ class ImageTextModel(nnx.Module):
             pixel_mean=img.get('pixel_mean', None),
             pixel_std=img.get('pixel_std', None),
             attention=attention,
+            posemb=img.get('posemb', 'learn'),
             rngs=rngs,
         )
         self.text = TextTransformer(

@@ -1,4 +1,4 @@
-"""Vision Transformer: patch embedding, learned positions, pre-norm blocks, pooling."""
+"""Vision Transformer: patch embedding, learned or sine-cosine positions, pre-norm blocks, pooling."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from flax import nnx
 from pretrain.models import layers
 
 POOLS = ('cls', 'mean', 'map')
+POSEMBS = ('learn', 'sincos2d')
 
 
 def interpolate_posemb(pos_nd, grid: tuple[int, int]):
@@ -24,6 +25,22 @@ def interpolate_posemb(pos_nd, grid: tuple[int, int]):
         return pos_nd
     resized = jax.image.resize(pos_nd.reshape(side, side, d), (*grid, d), 'bilinear')
     return resized.reshape(grid[0] * grid[1], d)
+
+
+def sincos2d_posemb(grid: tuple[int, int], width: int, temperature: float = 10_000.0):
+    """(gh*gw, width) fixed 2D sine-cosine positions, as MoCo v3 and big_vision's plain ViT.
+
+    A quarter of the channels each: sin and cos of the column, then of the row, at
+    frequencies temperature**(-i / (width / 4)). Computed for any grid, so nothing is
+    interpolated at another resolution.
+    """
+    if width % 4:
+        raise ValueError(f'sincos2d positions need a width divisible by 4, got {width}')
+    rows, cols = jnp.meshgrid(jnp.arange(grid[0]), jnp.arange(grid[1]), indexing='ij')
+    omega = temperature ** -(jnp.arange(width // 4) / (width // 4))
+    x = cols.reshape(-1, 1) * omega[None]
+    y = rows.reshape(-1, 1) * omega[None]
+    return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
 
 
 class MapHead(nnx.Module):
@@ -94,15 +111,18 @@ class VisionTransformer(nnx.Module):
         pixel_mean: tuple | None = None,
         pixel_std: tuple | None = None,
         attention: str = 'auto',
+        posemb: str = 'learn',
         rngs: nnx.Rngs,
     ):
         if pool not in POOLS:
             raise ValueError(f"unknown pool '{pool}'; valid: {', '.join(POOLS)}")
+        if posemb not in POSEMBS:
+            raise ValueError(f"unknown posemb '{posemb}'; valid: {', '.join(POSEMBS)}")
         if image_size % patch:
             raise ValueError(f'image_size {image_size} is not divisible by patch {patch}')
         if (pixel_mean is None) != (pixel_std is None):
             raise ValueError('pixel_mean and pixel_std must be given together (or neither)')
-        self.patch, self.pool, self.dtype = patch, pool, dtype
+        self.patch, self.pool, self.dtype, self.width = patch, pool, dtype, width
         self.pixel_mean = None if pixel_mean is None else tuple(float(m) for m in pixel_mean)
         self.pixel_std = None if pixel_std is None else tuple(float(s) for s in pixel_std)
         grid = image_size // patch
@@ -115,7 +135,12 @@ class VisionTransformer(nnx.Module):
             use_bias=patch_bias,
         )
         normal = nnx.initializers.normal(width**-0.5)
-        self.pos = layers.param(rngs, normal, (grid * grid, width), (None, 'embed'))
+        # 'sincos2d' has no parameter: the table is a function of the grid.
+        self.pos = (
+            layers.param(rngs, normal, (grid * grid, width), (None, 'embed'))
+            if posemb == 'learn'
+            else None
+        )
         self.cls = (
             layers.param(rngs, layers.zeros, (1, 1, width), (None, None, 'embed'))
             if pool == 'cls'
@@ -165,10 +190,16 @@ class VisionTransformer(nnx.Module):
         x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, (h // p) * (w // p), p * p * c), (h // p, w // p)
 
+    def positions(self, grid: tuple[int, int]):
+        """(gh*gw, width) position table for a patch grid: learned (resized) or sincos2d."""
+        if self.pos is None:
+            return sincos2d_posemb(grid, self.width)
+        return interpolate_posemb(self.pos[...], grid)
+
     def embed_tokens(self, image):
         """(B, T, d) tokens entering the first block (CLS first if any), and the patch grid."""
         patches, grid = self.patchify(image)
-        x = self.embed(patches) + interpolate_posemb(self.pos[...], grid).astype(self.dtype)
+        x = self.embed(patches) + self.positions(grid).astype(self.dtype)
         if self.cls is not None:
             cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
             x = jnp.concatenate([cls, x], axis=1)

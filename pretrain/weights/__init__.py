@@ -45,6 +45,7 @@ LAYOUTS = {
 FORMATS = ('export', *LAYOUTS)
 FUNCTION_KNOBS = (
     *(f'image.{k}' for k in ('heads', 'ln_pre', 'activation', 'ln_eps', 'pixel_mean', 'pixel_std')),
+    'image.posemb',
     *(f'text.{k}' for k in ('heads', 'causal', 'pool', 'pad_id', 'mask_padding', 'activation')),
     'text.ln_eps',
 )
@@ -135,8 +136,14 @@ def export_hf(model, model_config, fmt: str = 'hf_clip') -> tuple[dict, dict]:
     want = dict(layout.KNOBS)
     if fmt == 'hf_clip':
         want['text.pool'] = 'argmax'  # HF CLIP's legacy pooling; the EOS id is unknown here
+    del want['image.posemb']  # a fixed sincos2d table is written as the learned one
     check_knobs(model_config, want, layout=fmt)
-    return layout.from_nnx(flat_params(model), model_config)
+    params = flat_params(model)
+    if model.image.pos is None:
+        image_size = model_config.image.image_size
+        grid = (image_size // model_config.image.patch,) * 2
+        params['image.pos'] = np.asarray(model.image.positions(grid))
+    return layout.from_nnx(params, model_config)
 
 
 def save_hf(out_dir: str, model, model_config, fmt: str = 'hf_clip') -> str:

@@ -26,6 +26,7 @@ LAYOUT = 'hf_clip'
 # What makes our model a CLIP: LN before the blocks, no patch bias, CLS pooling, a causal
 # text tower, bias-free projections. Activation / eps / heads come from config.json.
 KNOBS = {
+    'image.posemb': 'learn',
     'image.ln_pre': True,
     'image.patch_bias': False,
     'image.pool': 'cls',

@@ -21,6 +21,7 @@ from pretrain.weights.common import (
 
 LAYOUT = 'hf_siglip'
 KNOBS = {
+    'image.posemb': 'learn',
     'image.ln_pre': False,
     'image.patch_bias': True,
     'image.pool': 'map',
