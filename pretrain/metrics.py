@@ -6,6 +6,8 @@ import contextlib
 import json
 import math
 import os
+import queue
+import threading
 import time
 
 import jax
@@ -63,12 +65,22 @@ class MetricWriter:
 
 class Throughput:
     """Samples/s and MFU over the steps since the last call (host wall clock), and the share
-    of that time the loop waited for its next batch: near 0 when the input pipeline keeps up,
-    large when it sets the pace (raise input.num_workers / num_threads)."""
+    of that time the devices sat idle for want of the next batch: near 0 when the input
+    pipeline keeps up, large when it sets the pace (raise input.num_workers / num_threads).
+
+    JAX returns from a step's dispatch at once, so the loop's wait for the next batch mostly
+    overlaps the step still running; only the part of the wait after that step finished
+    leaves the devices idle. The loop reports each dispatch (`dispatched`), a `StepWatcher`
+    thread reports when the step's outputs are ready (`finished`), and the wait for step
+    k + 1's batch counts from max(start of the wait, end of step k).
+    """
 
     def __init__(self, *, batch_size: int, flops_per_step: float, peak_flops: float):
         self.batch_size, self.flops_per_step, self.peak = batch_size, flops_per_step, peak_flops
-        self._t, self._step, self._waited = None, None, 0.0
+        self._t, self._step, self._idle = None, None, 0.0
+        self._dispatches = 0
+        self._waits: list[tuple[float, float, int]] = []  # (start, end, steps dispatched before)
+        self._done: dict[int, float] = {}  # dispatch index -> when its outputs were ready
 
     @contextlib.contextmanager
     def waiting_for_data(self):
@@ -76,10 +88,31 @@ class Throughput:
         try:
             yield
         finally:
-            self._waited += time.perf_counter() - t
+            self._waits.append((t, time.perf_counter(), self._dispatches))
+
+    def dispatched(self) -> int:
+        """Notes a dispatched step; returns its index for `finished`."""
+        self._dispatches += 1
+        return self._dispatches - 1
+
+    def finished(self, index: int, t: float) -> None:
+        """Step `index`'s outputs were ready at perf_counter time `t` (StepWatcher's thread)."""
+        self._done[index] = t
+
+    def _count_idle(self) -> None:
+        pending = []
+        for start, end, before in self._waits:
+            if before == 0:  # nothing dispatched yet: the devices had nothing to run
+                self._idle += end - start
+            elif before - 1 in self._done:
+                self._idle += max(0.0, end - max(start, self._done.pop(before - 1)))
+            else:
+                pending.append((start, end, before))  # the watcher has not seen it finish yet
+        self._waits = pending
 
     def __call__(self, step: int) -> dict:
         now = time.perf_counter()
+        self._count_idle()
         out = {}
         if self._t is not None and step > self._step:
             dt = (now - self._t) / (step - self._step)
@@ -87,23 +120,47 @@ class Throughput:
                 'perf/step_time_s': dt,
                 'perf/samples_per_s': self.batch_size / dt,
                 'perf/mfu': self.flops_per_step / dt / self.peak,
-                'perf/data_wait_frac': self._waited / (now - self._t),
+                'perf/data_wait_frac': self._idle / (now - self._t),
             }
-        self._t, self._step, self._waited = now, step, 0.0
+        self._t, self._step, self._idle = now, step, 0.0
         return out
+
+
+class StepWatcher:
+    """A daemon thread that waits on each dispatched step's outputs and reports the time they
+    were ready to `on_ready(index, perf_counter time)`, so the loop itself never blocks."""
+
+    def __init__(self, on_ready):
+        self._on_ready = on_ready
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name='step-watcher', daemon=True)
+        self._thread.start()
+
+    def watch(self, index: int, outputs) -> None:
+        self._queue.put((index, outputs))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            index, outputs = item
+            jax.block_until_ready(outputs)
+            self._on_ready(index, time.perf_counter())
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=60)
 
 
 INPUT_BOUND_FRACTION = 0.3
 
 
 def input_bound_line(step: int, row: dict) -> str | None:
-    """A terminal line when the loop spent over 30% of a logging interval waiting for
-    batches: the input pipeline, not the step, sets the pace (e.g. a small model on a GPU)."""
+    """A terminal line when the devices sat idle waiting for batches over 30% of a logging
+    interval: the input pipeline, not the step, sets the pace (e.g. a small model on a GPU)."""
     waited = row.get('perf/data_wait_frac', 0.0)
     if waited <= INPUT_BOUND_FRACTION:
         return None
     return (
-        f'step {step}: the loop waited {waited:.0%} of the time for batches; the input '
+        f'step {step}: the devices waited {waited:.0%} of the time for batches; the input '
         'pipeline sets the pace (raise --config.input.num_workers or num_threads)'
     )
 

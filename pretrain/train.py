@@ -172,6 +172,7 @@ def run(config, workdir: str) -> dict:
             peak_flops=peak
             * (jax.process_count() if jax.default_backend() == 'cpu' else jax.device_count()),
         )
+        watcher = metrics_lib.StepWatcher(throughput.finished)
         bar = metrics_lib.progress_bar(
             start=start, total=total, enabled=is_main and config.progress
         )
@@ -227,6 +228,7 @@ def run(config, workdir: str) -> dict:
             with throughput.waiting_for_data():
                 batch = next(data)
             state, device_metrics = train_step(state, batch)
+            watcher.watch(throughput.dispatched(), device_metrics)
             stopping = agreement.poll()  # the same answer on every process
             if tracing and step == p0 + pn:
                 jax.profiler.stop_trace()
@@ -262,6 +264,7 @@ def run(config, workdir: str) -> dict:
             jax.profiler.stop_trace()
         bar.close()
 
+    watcher.close()
     data.close()
     loader.close()
     ckpt.close()

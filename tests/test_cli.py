@@ -195,24 +195,48 @@ def test_unusable_workdir_is_one_line_error(capsys, workdir, message):
     assert message in err and len(err.splitlines()) == 1, err
 
 
-def test_throughput_reports_the_share_of_time_spent_waiting_for_data(monkeypatch):
+def test_throughput_reports_the_share_of_time_the_devices_waited_for_data(monkeypatch):
     from pretrain import metrics
 
-    clock = iter([10.0, 10.5, 11.5, 12.0, 12.5, 14.0])  # perf_counter, call by call
+    # perf_counter, call by call: throughput(0); three waits for a batch; throughput(2), (3).
+    clock = iter([10.0, 10.5, 11.5, 12.0, 12.5, 13.0, 13.5, 14.0, 16.0])
     monkeypatch.setattr(metrics.time, 'perf_counter', lambda: next(clock))
     throughput = metrics.Throughput(batch_size=8, flops_per_step=1e9, peak_flops=1e10)
     assert throughput(0) == {}  # t = 10
-    with throughput.waiting_for_data():  # 10.5 -> 11.5: 1 s waiting
+    with throughput.waiting_for_data():  # 10.5 -> 11.5, nothing dispatched yet: 1 s idle
         pass
-    with throughput.waiting_for_data():  # 12.0 -> 12.5: 0.5 s more
+    first = throughput.dispatched()
+    throughput.finished(first, 12.2)  # step 1 ran until 12.2
+    with throughput.waiting_for_data():  # 12.0 -> 12.5: idle only after 12.2, 0.3 s
         pass
-    row = throughput(2)  # t = 14: 4 s for 2 steps
+    second = throughput.dispatched()
+    with throughput.waiting_for_data():  # 13.0 -> 13.5; when step 2 ends is not known yet
+        pass
+    row = throughput(2)  # t = 14: 4 s for 2 steps, 1.3 s of them idle for data
     assert row['perf/step_time_s'] == 2.0 and row['perf/samples_per_s'] == 4.0
     assert row['perf/mfu'] == 1e9 / 2.0 / 1e10
-    assert row['perf/data_wait_frac'] == 1.5 / 4.0
-    # Over 30% waiting: one terminal line says the input pipeline sets the pace.
-    assert 'waited 38% of the time' in metrics.input_bound_line(2, row)
+    assert row['perf/data_wait_frac'] == pytest.approx(1.3 / 4.0)
+    # Over 30% idle: one terminal line says the input pipeline sets the pace.
+    assert 'waited 33% of the time' in metrics.input_bound_line(2, row)
     assert metrics.input_bound_line(2, {**row, 'perf/data_wait_frac': 0.05}) is None
+    throughput.finished(second, 13.1)  # step 2 ended 0.4 s before its successor's batch came
+    assert throughput(3)['perf/data_wait_frac'] == pytest.approx(0.4 / 2.0)
+
+
+def test_step_watcher_reports_when_each_step_is_ready():
+    import jax.numpy as jnp
+
+    from pretrain import metrics
+
+    seen = []
+    watcher = metrics.StepWatcher(lambda index, t: seen.append((index, t)))
+    x = jnp.ones((64, 64))
+    for i in range(3):
+        x = x @ x / 64  # each depends on the last, so they finish in order
+        watcher.watch(i, x)
+    watcher.close()
+    assert [i for i, _ in seen] == [0, 1, 2]
+    assert all(a[1] <= b[1] for a, b in zip(seen, seen[1:]))
 
 
 def test_eval_line_shows_each_evaluators_headline_figures():
