@@ -63,6 +63,13 @@ def test_block_matches_numpy(causal, attention):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
+def np_patch_embed(img, p, pos):
+    """Patch tokens of (2, 8, 8, 3) images at patch 4, the reference for both ViT tests."""
+    x = img.astype(np.float64) * 2 / 255 - 1
+    x = x.reshape(2, 2, 4, 2, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 48)
+    return x @ p['embed']['kernel'] + p['embed']['bias'] + pos
+
+
 def test_vit_matches_numpy_and_pools():
     vit = VisionTransformer(
         width=16, depth=2, heads=2, patch=4, image_size=8, pool='cls', rngs=nnx.Rngs(1)
@@ -70,9 +77,7 @@ def test_vit_matches_numpy_and_pools():
     img = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
     pooled, aux = vit(jnp.asarray(img))
     p = np_params(vit)
-    x = img.astype(np.float64) * 2 / 255 - 1
-    x = x.reshape(2, 2, 4, 2, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 48)
-    x = x @ p['embed']['kernel'] + p['embed']['bias'] + p['pos']
+    x = np_patch_embed(img, p, p['pos'])
     x = np.concatenate([np.broadcast_to(p['cls'], (2, 1, 16)), x], 1)
     for i in range(2):
         x = np_block(x, p['encoder']['blocks'][i], 2, causal=False)
@@ -117,32 +122,19 @@ def test_sincos2d_positions_match_numpy_and_follow_the_grid():
     with pytest.raises(ValueError, match='divisible by 4'):
         sincos2d_posemb(grid, 18)
 
-    vit = VisionTransformer(
-        width=16,
-        depth=1,
-        heads=2,
-        patch=4,
-        image_size=8,
-        pool='cls',
-        posemb='sincos2d',
-        rngs=nnx.Rngs(0),
-    )
+    small = dict(width=16, depth=1, heads=2, patch=4, image_size=8, rngs=nnx.Rngs(0))
+    vit = VisionTransformer(pool='cls', posemb='sincos2d', **small)
     assert vit.pos is None  # no parameter: nothing to train, decay or resize
     img = np.random.default_rng(2).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
     tokens, grid = vit.embed_tokens(jnp.asarray(img))
-    p = np_params(vit)
-    x = img.astype(np.float64) * 2 / 255 - 1
-    x = x.reshape(2, 2, 4, 2, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 48)
-    x = x @ p['embed']['kernel'] + p['embed']['bias'] + np.asarray(sincos2d_posemb((2, 2), 16))
+    x = np_patch_embed(img, np_params(vit), np.asarray(sincos2d_posemb((2, 2), 16)))
     np.testing.assert_allclose(np.asarray(tokens[:, 1:]), x, rtol=1e-5, atol=1e-5)
     # At another resolution the table is computed for that grid, not interpolated.
     np.testing.assert_array_equal(vit.positions((3, 4)), sincos2d_posemb((3, 4), 16))
     _, aux = vit(jnp.zeros((1, 12, 16, 3), jnp.uint8))
     assert aux['tokens'].shape == (1, 12, 16) and aux['grid'] == (3, 4)
     with pytest.raises(ValueError, match="unknown posemb 'sincos'; valid: learn, sincos2d"):
-        VisionTransformer(
-            width=16, depth=1, heads=2, patch=4, image_size=8, posemb='sincos', rngs=nnx.Rngs(0)
-        )
+        VisionTransformer(posemb='sincos', **small)
 
 
 def test_text_pooling_ignores_padding_and_future_tokens():
