@@ -91,10 +91,11 @@ def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     """
     mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('rows',))
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('rows'))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     m = n - n % mesh.size  # rows divisible by the devices
     # From host numpy: a jnp array would live on global device 0, another process's device.
     a = jax.device_put(np.ones((m, n), np.float32), rows)
-    b = jax.device_put(np.ones((n, n), np.float32), rows.update(spec=jax.sharding.PartitionSpec()))
+    b = jax.device_put(np.ones((n, n), np.float32), replicated)
     mm = jax.jit(lambda x, y: x @ y, out_shardings=rows)
     best = float('inf')
     with jax.set_mesh(mesh):  # this host's devices, whatever mesh the caller has set

@@ -1,4 +1,4 @@
-"""Vision Transformer: patch embedding, learned or sine-cosine positions, pre-norm blocks, pooling."""
+"""Vision Transformer: patch embedding, learned or sincos2d positions, pre-norm blocks, pooling."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def interpolate_posemb(pos_nd, grid: tuple[int, int]):
 
 
 def sincos2d_posemb(grid: tuple[int, int], width: int, temperature: float = 10_000.0):
-    """(gh*gw, width) fixed 2D sine-cosine positions, as MoCo v3 and big_vision's plain ViT.
+    """(gh*gw, width) fixed 2D sine-cosine positions (MoCo v3; big_vision's plain ViT spaces
+    the frequencies by width / 4 - 1 instead of width / 4).
 
     A quarter of the channels each: sin and cos of the column, then of the row, at
     frequencies temperature**(-i / (width / 4)). Computed for any grid, so nothing is
