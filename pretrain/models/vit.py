@@ -127,6 +127,7 @@ class VisionTransformer(nnx.Module):
         self.pixel_mean = None if pixel_mean is None else tuple(float(m) for m in pixel_mean)
         self.pixel_std = None if pixel_std is None else tuple(float(s) for s in pixel_std)
         grid = image_size // patch
+        self.grid = (grid, grid)  # the patch grid at image_size, that the table is built for
         self.embed = layers.Dense(
             patch * patch * 3,
             width,

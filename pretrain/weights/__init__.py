@@ -140,9 +140,7 @@ def export_hf(model, model_config, fmt: str = 'hf_clip') -> tuple[dict, dict]:
     check_knobs(model_config, want, layout=fmt)
     params = flat_params(model)
     if model.image.pos is None:
-        image_size = model_config.image.image_size
-        grid = (image_size // model_config.image.patch,) * 2
-        params['image.pos'] = np.asarray(model.image.positions(grid))
+        params['image.pos'] = np.asarray(model.image.positions(model.image.grid))
     return layout.from_nnx(params, model_config)
 
 
