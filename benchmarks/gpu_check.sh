@@ -3,22 +3,22 @@
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [quick]
 #
-# BATCH (512), STEPS (10) and TRAIN_STEPS (400) size steps 2 and 4; a CPU dry run of the
+# BATCH (512), STEPS (10) and TRAIN_STEPS (200) size steps 2 and 4; a CPU dry run of the
 # script itself: PYTHON=python BATCH=2 STEPS=1 TRAIN_STEPS=10 bash benchmarks/gpu_check.sh
 #
 # 1. the machine and the versions in use;
 # 2. CLIP ViT-B/16 at 224 in bf16 (configs/clip.py:b16), one GPU: benchmarks/train_step.py at
-#    batch 512 with remat off and cuDNN attention via 'auto' (3 traced steps for the top ops),
-#    with XLA's attention, and with remat 'dots_saveable' and 'nothing_saveable' (shipped):
-#    50 / 23 / 6 GB of XLA temporaries on an H100;
-# 3. correctness on the GPU: the model and objective tests (numpy references, loss and
-#    gradients; cuDNN attention against XLA's in bf16);
-# 4. the quick start's config (configs/dreamlip.py) trained for 400 steps on the GPU, with its
-#    evaluations, checkpoints and metrics, as a user runs it.
-# Everything lands in $OUT, in 8 files (the device tool returns no more). 'quick' stops after
-# step 2's first benchmark. Each B/16 benchmark takes about a minute (31 s of it compiling;
-# 137 s with XLA's Triton GEMMs, which pretrain.main.GPU_XLA_FLAGS turns off). With three
-# benchmarks the script took 6.5 minutes on an H100; the fourth adds about one.
+#    batch 512 with remat off and cuDNN attention via 'auto', 3 traced steps for the top ops,
+#    the trace and the optimised HLO kept; then the same with cuBLASLt's matmul epilogues.
+#    (Session 8's rows for XLA's attention and the remat policies are in benchmarks/README.md.)
+# 3. correctness on the GPU: the model, objective and optimizer tests (numpy references, loss
+#    and gradients; cuDNN attention against XLA's in bf16);
+# 4. the quick start's config (configs/dreamlip.py) trained for 200 steps on the GPU, with its
+#    loader processes, an evaluation, checkpoints and metrics, as a user runs it.
+# Everything lands in $OUT, in 6 files (the device tool returns at most 8): bench.log, two
+# benchmark JSONs, the HLO and trace of the first, the quick start's metrics. 'quick' stops
+# after the first benchmark. Each B/16 benchmark takes about a minute (31 s of it compiling;
+# 137 s with XLA's Triton GEMMs, which pretrain.main.GPU_XLA_FLAGS turns off).
 #
 # On a machine without the project's pins installed (this workplace's GPU image has its own
 # jax), missing packages come as wheels in .whl/ (see the device tool's README): where the
@@ -33,9 +33,9 @@ if ! $PY -c 'import grain, ml_collections' 2>/dev/null && compgen -G '.whl/*.whl
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
-    if ! $PY -c 'import pretrain.train, input_pipeline.pipeline' 2>>"$OUT/env.txt"; then
+    if ! $PY -c 'import pretrain.train, input_pipeline.pipeline' 2>>"$OUT/bench.log"; then
         echo "the pinned flax/optax/orbax do not import with this jax; using the image's" \
-            | tee -a "$OUT/env.txt"
+            | tee -a "$OUT/bench.log"
         rm -rf /tmp/site/flax* /tmp/site/optax* /tmp/site/orbax*
     fi
 fi
@@ -46,34 +46,38 @@ fi
     # pretrain/allocator.py: with a jax GPU plugin, PRETRAIN_MALLOC=auto keeps the glibc
     # tunables; PRETRAIN_MALLOC=mimalloc bash gpu_check.sh would measure mimalloc here.
     $PY -c 'from pretrain import allocator as a; print("mimalloc:", a.mimalloc_library(), "accelerator plugin:", a.accelerator_plugin_installed())'
-} 2>&1 | tee -a "$OUT/env.txt"
+} 2>&1 | tee -a "$OUT/bench.log"
 
 # 2. ViT-B/16 CLIP at 224, bf16, batch 512 on one GPU.
 bench() {
     local name=$1
     shift
-    timeout 240 $PY -m benchmarks.train_step --config configs/clip.py:b16 \
+    timeout 150 $PY -m benchmarks.train_step --config configs/clip.py:b16 \
         --config.batch_size=${BATCH:-512} --steps ${STEPS:-10} --warmup 3 --out "$OUT/$name.json" "$@" \
         2>&1 | grep -v '^W0000\|^I0000' | tail -8 | tee -a "$OUT/bench.log"
 }
-bench clip_b16_cudnn --config.model.remat=none --profile_steps 3 \
-    --label 'remat none, attention auto (cuDNN)'
+# The fastest configuration, traced, with its optimised HLO (the fusions that the trace's
+# kernel names refer to) and the trace itself.
+rm -rf /tmp/gpu_trace
+bench clip_b16_cudnn --config.model.remat=none --profile_steps 3 --profile_dir /tmp/gpu_trace \
+    --hlo_out "$OUT/clip_b16_cudnn_hlo.txt.gz" --label 'remat none, attention auto (cuDNN)'
+cp "$(find /tmp/gpu_trace -name perfetto_trace.json.gz | head -1)" "$OUT/clip_b16_cudnn_trace.json.gz"
 [ "${1:-}" = quick ] && exit 0
-bench clip_b16_xla --config.model.remat=none --config.model.attention=xla \
-    --label 'remat none, attention xla'
-bench clip_b16_dots_saveable --config.model.remat=dots_saveable \
-    --label 'remat dots_saveable, attention auto'
-bench clip_b16_nothing_saveable --label 'as shipped: remat nothing_saveable, attention auto'
+# cuBLASLt lets XLA fuse GELU (and bias) into the matmul's epilogue.
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cublaslt=true" bench clip_b16_cublaslt \
+    --config.model.remat=none --label 'remat none, attention auto, cuBLASLt epilogues'
 
 # 3. Correctness: several pytest workers share the GPU, so no worker preallocates it.
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 $PY -m pytest -q -p no:cacheprovider -n 4 \
     tests/test_models.py tests/test_objectives.py tests/test_optim.py 2>&1 | tail -25 \
-    | tee "$OUT/tests.txt"
+    | tee -a "$OUT/bench.log"
 
-# 4. The quick start's config on the GPU (f32, as the CPU recipe), TRAIN_STEPS steps.
+# 4. The quick start's config on the GPU (f32, as the CPU recipe), TRAIN_STEPS steps, with
+# its multi-process loader and an evaluation at the end.
 rm -rf /tmp/gpu_dreamlip
-/usr/bin/time -f 'wall %e s' timeout 170 $PY -m pretrain.main --config configs/dreamlip.py \
-    --workdir /tmp/gpu_dreamlip --config.total_steps=${TRAIN_STEPS:-400} --config.progress=false 2>&1 \
-    | grep -v '^W0000\|^I0000' | tail -30 | tee -a "$OUT/bench.log"
+steps=${TRAIN_STEPS:-200}
+/usr/bin/time -f 'wall %e s' timeout 120 $PY -m pretrain.main --config configs/dreamlip.py \
+    --workdir /tmp/gpu_dreamlip --config.total_steps=$steps --config.eval_every=$steps \
+    --config.progress=false 2>&1 | grep -v '^W0000\|^I0000' | tail -30 | tee -a "$OUT/bench.log"
 cp /tmp/gpu_dreamlip/metrics.jsonl "$OUT/dreamlip_metrics.jsonl" 2>/dev/null
 exit 0

@@ -33,6 +33,7 @@ same benchmark in a subprocess with the other setting and records both.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import platform
@@ -83,6 +84,12 @@ def parse_args(argv):
     )
     parser.add_argument(
         '--profile_dir', default='', help='keep the trace here (default: a temporary folder)'
+    )
+    parser.add_argument(
+        '--hlo_out',
+        default='',
+        help="write the compiled step's optimised HLO here, gzipped (the fusions a profile's "
+        'kernel names refer to)',
     )
     args, overrides = config_cli.parse_args(parser, argv)
     if args.steps < 1 or args.warmup < 1:
@@ -442,6 +449,9 @@ def run_benchmark(args, overrides) -> dict:
     # The compiled module is one device's SPMD program: scale its counts to the whole mesh.
     xla = {k: v * n_dev for k, v in cost_flops(compiled).items() if isinstance(v, float)}
     hlo = compiled.as_text()
+    if args.hlo_out:
+        with gzip.open(args.hlo_out, 'wt') as f:
+            f.write(hlo)
     dots = hlo_dot_flops(hlo) * n_dev
     med = step['median_s']
     result = {

@@ -357,6 +357,35 @@ def test_odd_length_attention_padded_to_even_matches(causal):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('causal', [False, True])
+def test_encoder_padding_an_odd_length_once_matches(causal, monkeypatch):
+    # On the cuDNN path an Encoder pads 197 tokens to 198 once for all its blocks. The same
+    # padding, with XLA's implementation standing in for cuDNN's, must give the unpadded
+    # outputs and gradients.
+    x = jax.random.normal(jax.random.key(3), (2, 7, 16))
+    encoder = layers.Encoder(16, 2, 2, 2.0, rngs=nnx.Rngs(0), attention='xla')
+
+    def outputs():
+        loss = lambda x: jnp.square(encoder(x, is_causal=causal)).mean()
+        return encoder(x, is_causal=causal), jax.grad(loss)(x)
+
+    want = outputs()
+    seen = []
+    pad_once = layers.attention_even_length
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape[1], kw['kv_length']))
+        return pad_once(q, k, v, **kw)
+
+    monkeypatch.setattr(layers.Attention, 'runs_cudnn', lambda self, mask=None: mask is None)
+    monkeypatch.setattr(layers, 'attention_even_length', spy)
+    got = outputs()
+    assert seen[:2] == [(8, 7), (8, 7)]  # every block saw 8 tokens, 7 of them real
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs a GPU')
 @pytest.mark.parametrize('causal', [False, True])
 def test_cudnn_attention_matches_xla_in_bfloat16(causal):

@@ -163,18 +163,28 @@ def check_attention_implementation(name: str) -> str:
     return name
 
 
-def attention_even_length(q, k, v, *, is_causal: bool, implementation: str):
+def attention_even_length(q, k, v, *, is_causal: bool, implementation: str, kv_length=None):
     """`jax.nn.dot_product_attention` (B, T, H, K) on an even number of tokens.
 
     cuDNN's fused attention trains only on even sequence lengths (ViT-B/16 at 224 has 197
     tokens: jax raises NotImplementedError). An odd T is padded by one zero token, which
     `key_value_seq_lengths` hides from every query (cuDNN's padding mask, no bias tensor),
     and the padded query row is dropped. Equal to the unpadded call (tests/test_models.py).
+
+    `kv_length`: the inputs are already padded (`Encoder` pads once for all its blocks) and
+    only their first `kv_length` tokens are real. A causal mask hides trailing padding by
+    itself, so it is then left to the causal mask alone.
     """
     b, t = q.shape[:2]
-    if t % 2 == 0:
+    if kv_length is not None or t % 2 == 0:
+        lengths = None if kv_length is None or is_causal else jnp.full((b,), kv_length, jnp.int32)
         return jax.nn.dot_product_attention(
-            q, k, v, is_causal=is_causal, implementation=implementation
+            q,
+            k,
+            v,
+            is_causal=is_causal,
+            key_value_seq_lengths=lengths,
+            implementation=implementation,
         )
     pad = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))
     lengths = jnp.full((b,), t, jnp.int32)
@@ -225,12 +235,29 @@ class Attention(nnx.Module):
         v = self.qkv(x_btd).reshape(b, t, 3, d)[:, :, 2]
         return self.out(v)
 
-    def __call__(self, x_btd, *, mask=None, is_causal: bool = False, norm=None):
-        """Self-attention of x_btd, or of norm(x_btd) with norm folded into qkv (Dense)."""
+    def runs_cudnn(self, mask=None) -> bool:
+        """Whether this layer's attention is cuDNN's fused kernel for inputs with `mask`."""
+        if mask is not None:
+            return False
+        if self.implementation == 'auto':
+            half = self.qkv.dtype in (jnp.bfloat16, jnp.float16)
+            return jax.default_backend() == 'gpu' and half
+        return self.implementation == 'cudnn'
+
+    def __call__(
+        self, x_btd, *, mask=None, is_causal: bool = False, norm=None, kv_length=None
+    ):
+        """Self-attention of x_btd, or of norm(x_btd) with norm folded into qkv (Dense).
+
+        `kv_length`: only the first kv_length tokens are real, the rest padding that no real
+        token may attend to (`Encoder` pads an odd length once for cuDNN); cuDNN path only.
+        """
         b, t, d = x_btd.shape
         qkv = self.qkv(x_btd, norm=norm).reshape(b, t, 3, self.heads, d // self.heads)
-        backend = jax.default_backend()
-        if self.implementation == 'auto' and backend == 'cpu':
+        cudnn = self.runs_cudnn(mask)
+        if kv_length is not None and not cudnn:
+            raise ValueError('kv_length (padded tokens) is for the cuDNN attention path only')
+        if self.implementation == 'auto' and jax.default_backend() == 'cpu':
             # 8 batch chunks keep each chunk's (B/8, H, T, T) scores (0.8 MB for ViT-Ti) in
             # L2 and give XLA independent ops: ViT-Ti CLIP step -3% on one core
             # (benchmarks/README.md). Only on one device: slicing a batch sharded over
@@ -239,13 +266,13 @@ class Attention(nnx.Module):
             y = attention_heads_first(qkv, mask=mask, is_causal=is_causal, chunks=chunks)
             return self.out(y)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        impl = self.implementation
-        if impl == 'auto':
-            half = q.dtype in (jnp.bfloat16, jnp.float16)
-            impl = 'cudnn' if backend == 'gpu' and half and mask is None else 'xla'
-        if impl == 'cudnn' and mask is None:
-            y_bthk = attention_even_length(q, k, v, is_causal=is_causal, implementation=impl)
+        if cudnn:
+            impl = 'cudnn' if self.implementation == 'auto' else self.implementation
+            y_bthk = attention_even_length(
+                q, k, v, is_causal=is_causal, implementation=impl, kv_length=kv_length
+            )
         else:
+            impl = 'xla' if self.implementation == 'auto' else self.implementation
             y_bthk = jax.nn.dot_product_attention(
                 q, k, v, mask=mask, is_causal=is_causal, implementation=impl
             )
@@ -313,9 +340,9 @@ class Block(nnx.Module):
         self.ln2 = LayerNorm(d, rngs=rngs, dtype=dtype, eps=ln_eps)
         self.mlp = Mlp(d, int(d * mlp_ratio), rngs=rngs, dtype=dtype, activation=activation)
 
-    def __call__(self, x, *, mask=None, is_causal: bool = False):
+    def __call__(self, x, *, mask=None, is_causal: bool = False, kv_length=None):
         # Each LayerNorm's scale and shift are folded into the Dense after it (Dense `norm`).
-        x = x + self.attn(x, mask=mask, is_causal=is_causal, norm=self.ln1)
+        x = x + self.attn(x, mask=mask, is_causal=is_causal, norm=self.ln1, kv_length=kv_length)
         return x + self.mlp(x, norm=self.ln2)
 
 
@@ -371,11 +398,16 @@ class Encoder(nnx.Module):
         self.remat = remat != 'none'
 
     def __call__(self, x, *, mask=None, is_causal: bool = False):
+        t = x.shape[1]
+        # cuDNN's attention trains only on even lengths. An odd sequence (197 tokens for
+        # B/16 at 224) is padded by one zero token here, once, rather than q, k and v inside
+        # every block (attention_even_length); the pad is hidden from the real tokens as a
+        # key and dropped at the end, so the result is the same.
+        pad = t % 2 == 1 and len(self.blocks) > 0 and self.blocks[0].attn.runs_cudnn(mask)
+        kv_length = t if pad else None
+        if pad:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
+        run = lambda blk, y: blk(y, mask=mask, is_causal=is_causal, kv_length=kv_length)
         for block in self.blocks:
-            if self.remat:
-                x = nnx.remat(
-                    lambda blk, y: blk(y, mask=mask, is_causal=is_causal), policy=self.policy
-                )(block, x)
-            else:
-                x = block(x, mask=mask, is_causal=is_causal)
-        return x
+            x = nnx.remat(run, policy=self.policy)(block, x) if self.remat else run(block, x)
+        return x[:, :t] if pad else x
