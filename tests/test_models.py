@@ -386,6 +386,25 @@ def test_encoder_padding_an_odd_length_once_matches(causal, monkeypatch):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_encoder_pins_its_residual_stream_row_major_on_gpu(monkeypatch):
+    # On GPU (faked here: an f32 model then takes the same XLA attention path) every block's
+    # residual stream carries a layout constraint, which must not change values or gradients.
+    x = jax.random.normal(jax.random.key(4), (2, 5, 16))
+    encoder = layers.Encoder(16, 2, 2, 2.0, rngs=nnx.Rngs(0), attention='xla')
+
+    def run():
+        loss = lambda x: jnp.square(encoder(x)).mean()
+        hlo = jax.jit(jax.grad(loss)).lower(x).as_text()
+        return encoder(x), jax.grad(loss)(x), hlo.count('LayoutConstraint')
+
+    want = run()
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    got = run()
+    assert want[2] == 0 and got[2] >= 2 * 2  # two per block, forward (and backward) passes
+    for g, w in zip(got[:2], want[:2]):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs a GPU')
 @pytest.mark.parametrize('causal', [False, True])
 def test_cudnn_attention_matches_xla_in_bfloat16(causal):

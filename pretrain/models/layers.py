@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.layout import Layout, with_layout_constraint
 
 # Initialisers follow common ViT/CLIP practice: xavier for projections, small normal for
 # embeddings (big_vision uses the same choices).
@@ -320,6 +321,21 @@ class Mlp(nnx.Module):
         return self.fc2(ACTIVATIONS[self.activation](self.fc1(x, norm=norm)))
 
 
+def row_major(x):
+    """x pinned to the row-major layout, on GPU (elsewhere x itself).
+
+    XLA's GPU layout assignment stored both towers' residual streams of CLIP B/16 batch
+    minor, (T, D, B) in memory (its optimised HLO, jax 0.11.2): each Dense then read the
+    stream through a transpose and wrote its output back through another, and LayerNorm's
+    statistics became strided column reductions. Pinned here (and so its gradient, which
+    the constraint's transpose rule pins too), the stream stays (B, T, D), the layout its
+    matmuls read.
+    """
+    if jax.default_backend() != 'gpu':
+        return x
+    return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
+
+
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
@@ -342,8 +358,10 @@ class Block(nnx.Module):
 
     def __call__(self, x, *, mask=None, is_causal: bool = False, kv_length=None):
         # Each LayerNorm's scale and shift are folded into the Dense after it (Dense `norm`).
-        x = x + self.attn(x, mask=mask, is_causal=is_causal, norm=self.ln1, kv_length=kv_length)
-        return x + self.mlp(x, norm=self.ln2)
+        # row_major: see there (a no-op off GPU).
+        y = self.attn(x, mask=mask, is_causal=is_causal, norm=self.ln1, kv_length=kv_length)
+        x = row_major(x + y)
+        return row_major(x + self.mlp(x, norm=self.ln2))
 
 
 def remat_policy(name: str):
@@ -408,6 +426,7 @@ class Encoder(nnx.Module):
         if pad:
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
         run = lambda blk, y: blk(y, mask=mask, is_causal=is_causal, kv_length=kv_length)
+        x = row_major(x)
         for block in self.blocks:
             x = nnx.remat(run, policy=self.policy)(block, x) if self.remat else run(block, x)
         return x[:, :t] if pad else x
