@@ -60,6 +60,75 @@ def op_times(events: list[dict]) -> tuple[dict[str, float], str]:
     return times, where
 
 
+def _tables(hlo_text: str) -> dict[str, dict[int, str]]:
+    """The module text's FileNames / FunctionNames / FileLocations / StackFrames tables."""
+    tables: dict[str, dict[int, str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        if line in ('FileNames', 'FunctionNames', 'FileLocations', 'StackFrames'):
+            current = tables.setdefault(line, {})
+        elif current is not None and (m := re.match(r'(\d+) (.*)', line)):
+            current[int(m.group(1))] = m.group(2)
+        elif line.startswith(('%', 'ENTRY', 'HloModule')) and tables:
+            current = None
+    return tables
+
+
+def hlo_sources(hlo_text: str, *, lines: int = 3) -> dict[str, str]:
+    """{fusion name: the Python lines its ops come from}, from an optimised HLO module's text.
+
+    Each instruction's metadata ends with a stack_frame_id, which the module's StackFrames,
+    FileLocations and FileNames tables resolve to a file and line. A fusion gets the lines
+    of the ops fused into it, the most frequent first ('layers.py:292 <lambda> x17,
+    layers.py:101 Dense.__call__ x2').
+    This is what tells a profile's 'fusion_1641' apart from its neighbours.
+    """
+    tables = _tables(hlo_text)
+    field = lambda text, key: int(re.search(rf'{key}=(\d+)', text).group(1))
+    names = {i: v.strip('"').rsplit('/', 1)[-1] for i, v in tables.get('FileNames', {}).items()}
+    functions = {i: v.strip('"') for i, v in tables.get('FunctionNames', {}).items()}
+
+    def where(frame_id: int) -> str | None:
+        frame = tables.get('StackFrames', {}).get(frame_id)
+        location = frame and tables['FileLocations'].get(field(frame, 'file_location_id'))
+        if not location:
+            return None
+        file, line = names.get(field(location, 'file_name_id'), '?'), field(location, 'line')
+        function = functions.get(field(location, 'function_name_id'), '')
+        return f'{file}:{line} {function}'.strip()
+
+    counts: dict[str, dict[str, int]] = {}  # computation -> {file:line: ops}
+    calls: dict[str, str] = {}  # fusion instruction -> the computation it calls
+    body = None
+    for line in hlo_text.splitlines():
+        if m := re.match(r'^(?:ENTRY )?%(\S+) .*\{$', line):
+            body = counts.setdefault(m.group(1), {})
+            continue
+        if body is None or not line.startswith('  %'):
+            continue
+        if (m := re.match(r'\s+%(\S+) = .* fusion\(.*calls=%([^,\s]+)', line)) is not None:
+            calls[m.group(1)] = m.group(2)
+        if (frame := re.search(r'stack_frame_id=(\d+)', line)) and (w := where(int(frame.group(1)))):
+            body[w] = body.get(w, 0) + 1
+    out = {}
+    for fusion, computation in calls.items():
+        ranked_lines = sorted(counts.get(computation, {}).items(), key=lambda kv: -kv[1])
+        if ranked_lines:
+            out[fusion] = ', '.join(f'{w} x{n}' for w, n in ranked_lines[:lines])
+    return out
+
+
+def annotate(ops: list[dict], sources: dict[str, str]) -> list[dict]:
+    """Adds 'source' (hlo_sources) to each profile op whose name is one of the fusions; a
+    GPU kernel is named like its fusion with '_' for the last '.' ('fusion_12')."""
+    for op in ops:
+        name = op['name']
+        found = sources.get(name) or sources.get(re.sub(r'_(\d+)$', r'.\1', name))
+        if found:
+            op['source'] = found
+    return ops
+
+
 def op_kind(name: str) -> str:
     return re.sub(r'([._]\d+)+$', '', name)
 

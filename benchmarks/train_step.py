@@ -23,7 +23,8 @@ What is measured, all written to --out as JSON (see benchmarks/README.md):
 - XLA's buffer sizes (memory_analysis) and the process's peak resident memory;
 - device, jax/flax versions, the resolved config and the allocator in force;
 - with --profile_steps N: N more steps under `jax.profiler.trace`, and the trace's top ops
-  per step (benchmarks/trace_summary.py).
+  per step (benchmarks/trace_summary.py), each fusion with the source lines of its ops;
+  `--hlo_out` keeps the optimised HLO those fusions are defined in.
 
 The XLA flags and allocator are the product's: `pretrain.main.prepare_process()` sets
 `GPU_XLA_FLAGS` and re-executes the process with its allocator (pretrain/allocator.py:
@@ -46,7 +47,7 @@ import time
 
 import numpy as np
 
-from benchmarks import results_io
+from benchmarks import results_io, trace_summary
 
 SCHEMA = 1
 CONTENDED_ABOVE = 0.1  # share of the cores other processes used during the timed steps
@@ -375,7 +376,6 @@ def breakdown(graphdef, objective, state, batch, mesh, *, steps: int, warmup: in
 def profile_steps(one_step, args) -> dict:
     """Runs --profile_steps steps under jax.profiler.trace; the trace's top ops per step."""
     import jax
-    from benchmarks import trace_summary
 
     with tempfile.TemporaryDirectory() as tmp:
         trace_dir = args.profile_dir or tmp
@@ -452,6 +452,8 @@ def run_benchmark(args, overrides) -> dict:
     if args.hlo_out:
         with gzip.open(args.hlo_out, 'wt') as f:
             f.write(hlo)
+    if profile:
+        trace_summary.annotate(profile['top_ops'], trace_summary.hlo_sources(hlo))
     dots = hlo_dot_flops(hlo) * n_dev
     med = step['median_s']
     result = {

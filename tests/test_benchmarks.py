@@ -1,5 +1,6 @@
 """benchmarks/train_step.py on a tiny model: it runs, and its JSON is sane (no timing asserts)."""
 
+import gzip
 import json
 import sys
 
@@ -35,6 +36,8 @@ def test_train_step_benchmark_writes_sane_json(python, tmp_path):
             '1',
             '--profile_steps',
             '1',
+            '--hlo_out',
+            str(tmp_path / 'hlo.txt.gz'),
             '--out',
             str(out),
         ],
@@ -62,6 +65,10 @@ def test_train_step_benchmark_writes_sane_json(python, tmp_path):
     assert p['summed_over'] == 'CPU XLA threads' and p['steps'] == 1 and p['op_ms_per_step'] > 0
     assert p['top_ops'] and all('::' not in o['name'] for o in p['top_ops'])
     assert sum(o['share'] for o in p['top_kinds']) <= 1 + 1e-9
+    # Fusions name the model's source lines they come from, out of the HLO kept beside.
+    assert any('.py:' in o.get('source', '') for o in p['top_ops']), p['top_ops']
+    with gzip.open(tmp_path / 'hlo.txt.gz', 'rt') as f:
+        assert f.read().startswith('HloModule')
     # The product's XLA flags are in force (GPU-only flags; XLA CPU ignores them).
     assert 'xla_gpu_enable_triton_gemm' in r['env'].get('XLA_FLAGS', '')
     # The product's allocator choice: the entry point re-executed itself with the tunables.
@@ -111,6 +118,24 @@ def write_trace(path, events):
     path.mkdir(parents=True)
     with gzip.open(path / 'perfetto_trace.json.gz', 'wt') as f:
         json.dump({'traceEvents': events}, f)
+
+
+def test_hlo_sources_names_the_lines_a_fusion_comes_from():
+    from benchmarks import trace_summary
+
+    def f(x):
+        y = jnp.tanh(x) * 3.0 + 1.0  # the fused line
+        return y @ y.T
+
+    hlo = jax.jit(f).lower(jnp.ones((64, 64))).compile().as_text()
+    line = f.__code__.co_firstlineno + 1
+    sources = trace_summary.hlo_sources(hlo)
+    fused = [k for k, v in sources.items() if f'test_benchmarks.py:{line} ' in v]
+    assert fused, sources
+    # A GPU kernel is named like its fusion with '_' for the last '.'.
+    ops = [{'name': '_'.join(fused[0].rsplit('.', 1))}, {'name': 'nvjet_gemm'}]
+    trace_summary.annotate(ops, sources)
+    assert ops[0]['source'] == sources[fused[0]] and 'source' not in ops[1]
 
 
 def test_trace_summary_sums_device_kernels_by_name_and_kind(tmp_path):
