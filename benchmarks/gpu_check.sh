@@ -17,7 +17,8 @@
 # 4. the quick start's config (configs/dreamlip.py) trained for 200 steps on the GPU, with its
 #    loader processes, an evaluation, checkpoints and metrics, as a user runs it.
 # Everything lands in $OUT, in 6 files (the device tool returns at most 8): bench.log, two
-# benchmark JSONs, the HLO and trace of the first, the quick start's metrics. 'quick' stops
+# benchmark JSONs, the HLO and trace of the first, the quick start's metrics; COMPARE (below)
+# adds one JSON per checkout compared. 'quick' stops
 # after the first benchmark. Each B/16 benchmark takes about a minute (31 s of it compiling;
 # 137 s with XLA's Triton GEMMs, which pretrain.main.GPU_XLA_FLAGS turns off).
 #
@@ -25,7 +26,7 @@
 # jax), missing packages come as wheels in .whl/ (see the device tool's README): where the
 # python lacks them, they are installed under /tmp/site and put first on PYTHONPATH.
 set -u
-OUT=${OUT:-/tmp/gpu_check}
+OUT=$(realpath -m "${OUT:-/tmp/gpu_check}")
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -64,6 +65,13 @@ bench clip_b16_cudnn --config.model.remat=none --profile_steps 3 --profile_dir /
     --hlo_out "$OUT/clip_b16_cudnn_hlo.txt.gz" --label 'remat none, attention auto (cuDNN)'
 cp "$(find /tmp/gpu_trace -name perfetto_trace.json.gz | head -1)" "$OUT/clip_b16_cudnn_trace.json.gz"
 [ "${1:-}" = quick ] && exit 0
+# COMPARE="DIR ..." (other checkouts of this repo inside it, carried with the call: e.g.
+# `git archive REF --prefix=.cmp1/ | tar -x` here, then carry .cmp1): the same benchmark
+# from each, on the same machine, for an A/B (each adds about a minute, and a JSON).
+for dir in ${COMPARE:-}; do
+    name=compare_$(basename "$dir" | tr -cd 'A-Za-z0-9_-')
+    (cd "$dir" && bench "$name" --config.model.remat=none --label "remat none, from $dir")
+done
 bench clip_b16_shipped --label 'as shipped: remat nothing_saveable, attention auto'
 
 # 3. Correctness: several pytest workers share the GPU, so no worker preallocates it.
