@@ -9,16 +9,18 @@
 # 1. the machine and the versions in use;
 # 2. CLIP ViT-B/16 at 224 in bf16 (configs/clip.py:b16), one GPU: benchmarks/train_step.py at
 #    batch 512 with remat off and cuDNN attention via 'auto', 3 traced steps for the top ops,
-#    the trace and the optimised HLO kept; then as `:b16` ships (remat nothing_saveable).
+#    the trace and the optimised HLO kept; then with XLA's attention, and as `:b16` ships
+#    (remat nothing_saveable).
 #    (Earlier rows for XLA's attention, other remat policies and cuBLASLt's epilogues are in
 #    benchmarks/README.md.)
 # 3. correctness on the GPU: the model, objective and optimizer tests (numpy references, loss
 #    and gradients; cuDNN attention against XLA's in bf16);
 # 4. the quick start's config (configs/dreamlip.py) trained for 200 steps on the GPU, with its
 #    loader processes, an evaluation, checkpoints and metrics, as a user runs it.
-# Everything lands in $OUT, in 6 files (the device tool returns at most 8): bench.log, two
+# Everything lands in $OUT, in 7 files (the device tool returns at most 8): bench.log, three
 # benchmark JSONs, the HLO and trace of the first, the quick start's metrics; COMPARE (below)
-# adds one JSON per checkout compared. 'quick' stops
+# adds one JSON per checkout compared. About 7.5 minutes on an H100, plus a minute for each
+# checkout compared. 'quick' stops
 # after the first benchmark. Each B/16 benchmark takes about a minute (31 s of it compiling;
 # 137 s with XLA's Triton GEMMs, which pretrain.main.GPU_XLA_FLAGS turns off).
 #
@@ -72,6 +74,10 @@ for dir in ${COMPARE:-}; do
     name=compare_$(basename "$dir" | tr -cd 'A-Za-z0-9_-')
     (cd "$dir" && bench "$name" --config.model.remat=none --label "remat none, from $dir")
 done
+# XLA's attention materialises the (T, T) scores, which at 198 tokens may beat cuDNN's flash
+# kernel (26 ms of the step for ~2.4 TFLOP on the H100, session 10).
+bench clip_b16_xla --config.model.remat=none --config.model.attention=xla \
+    --label 'remat none, attention xla'
 bench clip_b16_shipped --label 'as shipped: remat nothing_saveable, attention auto'
 
 # 3. Correctness: several pytest workers share the GPU, so no worker preallocates it.
