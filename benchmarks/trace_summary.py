@@ -80,11 +80,15 @@ def hlo_sources(hlo_text: str, *, lines: int = 3) -> dict[str, str]:
     Each instruction's metadata ends with a stack_frame_id, which the module's StackFrames,
     FileLocations and FileNames tables resolve to a file and line. A fusion gets the lines
     of the ops fused into it, the most frequent first ('layers.py:292 <lambda> x17,
-    layers.py:101 Dense.__call__ x2').
-    This is what tells a profile's 'fusion_1641' apart from its neighbours.
+    layers.py:101 Dense.__call__ x2'). This is what tells a profile's 'fusion_1641' apart
+    from its neighbours. A module without those tables gives {}.
     """
     tables = _tables(hlo_text)
-    field = lambda text, key: int(re.search(rf'{key}=(\d+)', text).group(1))
+
+    def field(text: str, key: str) -> int:  # -1 where the table lacks the key
+        m = re.search(rf'{key}=(\d+)', text)
+        return int(m.group(1)) if m else -1
+
     names = {i: v.strip('"').rsplit('/', 1)[-1] for i, v in tables.get('FileNames', {}).items()}
     functions = {i: v.strip('"') for i, v in tables.get('FunctionNames', {}).items()}
 
@@ -108,7 +112,8 @@ def hlo_sources(hlo_text: str, *, lines: int = 3) -> dict[str, str]:
             continue
         if (m := re.match(r'\s+%(\S+) = .* fusion\(.*calls=%([^,\s]+)', line)) is not None:
             calls[m.group(1)] = m.group(2)
-        if (frame := re.search(r'stack_frame_id=(\d+)', line)) and (w := where(int(frame.group(1)))):
+        frame = re.search(r'stack_frame_id=(\d+)', line)
+        if frame and (w := where(int(frame.group(1)))):
             body[w] = body.get(w, 0) + 1
     out = {}
     for fusion, computation in calls.items():

@@ -245,9 +245,7 @@ class Attention(nnx.Module):
             return jax.default_backend() == 'gpu' and half
         return self.implementation == 'cudnn'
 
-    def __call__(
-        self, x_btd, *, mask=None, is_causal: bool = False, norm=None, kv_length=None
-    ):
+    def __call__(self, x_btd, *, mask=None, is_causal: bool = False, norm=None, kv_length=None):
         """Self-attention of x_btd, or of norm(x_btd) with norm folded into qkv (Dense).
 
         `kv_length`: only the first kv_length tokens are real, the rest padding that no real
