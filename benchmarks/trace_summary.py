@@ -108,9 +108,9 @@ def hlo_sources(hlo_text: str, *, lines: int = 3) -> dict[str, str]:
         if m := re.match(r'^(?:ENTRY )?%(\S+) .*\{$', line):
             body = counts.setdefault(m.group(1), {})
             continue
-        if body is None or not line.startswith('  %'):
+        if body is None or not line.startswith(('  %', '  ROOT %')):
             continue
-        if (m := re.match(r'\s+%(\S+) = .* fusion\(.*calls=%([^,\s]+)', line)) is not None:
+        if (m := re.match(r'\s+(?:ROOT )?%(\S+) = .* fusion\(.*calls=%([^,\s]+)', line)):
             calls[m.group(1)] = m.group(2)
         frame = re.search(r'stack_frame_id=(\d+)', line)
         if frame and (w := where(int(frame.group(1)))):
