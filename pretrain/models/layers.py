@@ -206,10 +206,11 @@ class Attention(nnx.Module):
 
     `implementation` (config `model.attention`):
     - 'auto': heads-first einsums on CPU, where they are faster. On GPU with a 16-bit compute
-      dtype and no mask, cuDNN's fused flash attention (odd lengths padded by one token,
-      `attention_even_length`); with a mask (a bidirectional text tower's padding) XLA, since
-      cuDNN takes a dense mask only as a bias, and on even lengths only. Otherwise XLA. (jax's own
-      `implementation=None` is XLA today, never cuDNN.)
+      dtype and no mask, cuDNN's fused flash attention (an odd length padded by one token,
+      once per `Encoder`, or here by `attention_even_length`); with a mask (a bidirectional
+      text tower's padding) XLA, since cuDNN takes a dense mask only as a bias, and on even
+      lengths only. Otherwise XLA. (jax's own `implementation=None` is XLA today, never
+      cuDNN.)
     - 'xla' / 'cudnn': `jax.nn.dot_product_attention` with that implementation on any
       backend ('cudnn' raises where cuDNN cannot run the call, e.g. on CPU).
     """
@@ -424,7 +425,9 @@ class Encoder(nnx.Module):
         if pad:
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
         run = lambda blk, y: blk(y, mask=mask, is_causal=is_causal, kv_length=kv_length)
+        if self.remat:
+            run = nnx.remat(run, policy=self.policy)
         x = row_major(x)
         for block in self.blocks:
-            x = nnx.remat(run, policy=self.policy)(block, x) if self.remat else run(block, x)
+            x = run(block, x)
         return x[:, :t] if pad else x
