@@ -11,7 +11,7 @@
 #    batch 512 with remat off and cuDNN attention via 'auto', 3 traced steps for the top ops,
 #    the trace and the optimised HLO kept; then with XLA's attention, and as `:b16` ships
 #    (remat nothing_saveable).
-#    (Earlier rows for XLA's attention, other remat policies and cuBLASLt's epilogues are in
+#    (Earlier rows for other remat policies and cuBLASLt's epilogues are in
 #    benchmarks/README.md.)
 # 3. correctness on the GPU: the model, objective and optimizer tests (numpy references, loss
 #    and gradients; cuDNN attention against XLA's in bf16);
@@ -19,10 +19,10 @@
 #    loader processes, an evaluation, checkpoints and metrics, as a user runs it.
 # Everything lands in $OUT, in 6 files (the device tool returns at most 8): bench.log (with
 # the quick start's last metric rows), three benchmark JSONs, the HLO and trace of the
-# first; COMPARE (below) adds one JSON per checkout compared, so compare at most two. About 7.5 minutes on an H100, plus a minute for each
-# checkout compared. 'quick' stops
-# after the first benchmark. Each B/16 benchmark takes about a minute (31 s of it compiling;
-# 137 s with XLA's Triton GEMMs, which pretrain.main.GPU_XLA_FLAGS turns off).
+# first; COMPARE (below) adds one JSON per checkout compared, so compare at most two. About
+# 7.5 minutes on an H100, plus a minute for each checkout compared. 'quick' stops after the
+# first benchmark. Each B/16 benchmark takes about a minute (31 s of it compiling; 137 s
+# with XLA's Triton GEMMs, which pretrain.main.GPU_XLA_FLAGS turns off).
 #
 # On a machine without the project's pins installed (this workplace's GPU image has its own
 # jax), missing packages come as wheels in .whl/ (see the device tool's README): where the
