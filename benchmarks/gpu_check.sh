@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU checks of a session that is lent one GPU, as one short script (device time is scarce).
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [quick]
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [quick|compare]
 #
 # BATCH (512), STEPS (10) and TRAIN_STEPS (200) size steps 2 and 4; a CPU dry run of the
 # script itself: PYTHON=python BATCH=2 STEPS=1 TRAIN_STEPS=10 bash benchmarks/gpu_check.sh
@@ -60,6 +60,21 @@ bench() {
         --config.batch_size=${BATCH:-512} --steps ${STEPS:-10} --warmup 3 --out "$OUT/$name.json" "$@" \
         2>&1 | grep -v '^W0000\|^I0000' | tail -8 | tee -a "$OUT/bench.log"
 }
+# 'compare': an A/B alone, no trace, tests or training. The step with remat off from this
+# checkout and from each COMPARE checkout (below), then as shipped from this one and the last
+# COMPARE one (at most 5 compared: 8 files come back).
+if [ "${1:-}" = compare ]; then
+    bench clip_b16_base --config.model.remat=none --label 'remat none, this checkout'
+    last=
+    for dir in ${COMPARE:-}; do
+        last=$dir
+        name=compare_$(basename "$dir" | tr -cd 'A-Za-z0-9_-')
+        (cd "$dir" && bench "$name" --config.model.remat=none --label "remat none, from $dir")
+    done
+    bench clip_b16_base_shipped --label 'as shipped, this checkout'
+    [ -n "$last" ] && (cd "$last" && bench compare_shipped --label "as shipped, from $last")
+    exit 0
+fi
 # The fastest configuration, traced, with its optimised HLO (the fusions that the trace's
 # kernel names refer to) and the trace itself.
 rm -rf /tmp/gpu_trace
