@@ -317,7 +317,10 @@ class Mlp(nnx.Module):
         self.activation = activation
 
     def __call__(self, x, *, norm=None):
-        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x, norm=norm)))
+        # Remat of the activation alone: its backward recomputes it from fc1's output rather
+        # than reading intermediates saved in the forward pass.
+        act = jax.checkpoint(ACTIVATIONS[self.activation])
+        return self.fc2(act(self.fc1(x, norm=norm)))
 
 
 def row_major(x):
