@@ -88,6 +88,10 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x, *, norm: LayerNorm | None = None):
+        return self.split(x, 1, norm=norm)[0]
+
+    def split(self, x, parts: int, *, norm: LayerNorm | None = None):
+        """The output's `parts` equal column blocks, each its own matmul and buffer."""
         lead = x.shape[:-1]
         kernel = self.kernel[...]
         bias = None if self.bias is None else self.bias[...]
@@ -96,10 +100,13 @@ class Dense(nnx.Module):
             bias = norm.bias[...] @ kernel + (0.0 if bias is None else bias)
             kernel = norm.scale[...][:, None] * kernel
         x_nd = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        y = matmul(x_nd, kernel.astype(self.dtype))
-        if bias is not None:
-            y = y + bias.astype(self.dtype)
-        return y.reshape(*lead, y.shape[-1])
+        outputs = []
+        for i, w in enumerate(jnp.split(kernel.astype(self.dtype), parts, axis=1)):
+            y = matmul(x_nd, w)
+            if bias is not None:
+                y = y + jnp.split(bias.astype(self.dtype), parts)[i]
+            outputs.append(y.reshape(*lead, y.shape[-1]))
+        return outputs
 
 
 class LayerNorm(nnx.Module):
@@ -253,7 +260,6 @@ class Attention(nnx.Module):
         token may attend to (`Encoder` pads an odd length once for cuDNN); cuDNN path only.
         """
         b, t, d = x_btd.shape
-        qkv = self.qkv(x_btd, norm=norm).reshape(b, t, 3, self.heads, d // self.heads)
         cudnn = self.runs_cudnn(mask)
         if kv_length is not None and not cudnn:
             raise ValueError('kv_length (padded tokens) is for the cuDNN attention path only')
@@ -263,9 +269,13 @@ class Attention(nnx.Module):
             # (benchmarks/README.md). Only on one device: slicing a batch sharded over
             # devices would move rows between them.
             chunks = 8 if jax.device_count() == 1 else 1
+            qkv = self.qkv(x_btd, norm=norm).reshape(b, t, 3, self.heads, d // self.heads)
             y = attention_heads_first(qkv, mask=mask, is_causal=is_causal, chunks=chunks)
             return self.out(y)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # q, k and v as three matmuls, each into its own buffer: slicing one (B, T, 3, H, K)
+        # output copies all three (and the backward concatenates their gradients).
+        heads = lambda y: y.reshape(b, t, self.heads, d // self.heads)
+        q, k, v = map(heads, self.qkv.split(x_btd, 3, norm=norm))
         if cudnn:
             impl = 'cudnn' if self.implementation == 'auto' else self.implementation
             y_bthk = attention_even_length(
