@@ -329,6 +329,29 @@ def test_layernorm_folded_into_dense_matches_layernorm_then_dense():
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
+def test_dense_split_matches_slices_of_its_output():
+    # Dense.split (Attention's q, k, v off CPU): one matmul per column block, the same values
+    # and gradients as slicing the whole output.
+    ln = layers.LayerNorm(12, rngs=nnx.Rngs(0))
+    dense = layers.Dense(12, 18, axes=(None, None), rngs=nnx.Rngs(1))
+    dense.bias[...] = jax.random.normal(jax.random.key(2), (18,))
+    x = jax.random.normal(jax.random.key(3), (4, 5, 12))
+    w = jax.random.normal(jax.random.key(4), (3, 4, 5, 6))
+
+    def loss(split):
+        def f(dense, x):
+            parts = dense.split(x, 3, norm=ln) if split else jnp.split(dense(x, norm=ln), 3, -1)
+            return sum(jnp.sum(jnp.sin(p) * w[i]) for i, p in enumerate(parts))
+
+        return f
+
+    np.testing.assert_allclose(loss(True)(dense, x), loss(False)(dense, x), rtol=1e-5)
+    got = jax.grad(loss(True), argnums=(0, 1))(dense, x)
+    want = jax.grad(loss(False), argnums=(0, 1))(dense, x)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize('causal', [False, True])
 def test_attention_in_batch_chunks_matches_whole_batch(causal):
     # Attention on CPU runs in batch chunks (layers.Attention); padding masks are per example.
