@@ -21,8 +21,9 @@
 # the quick start's last metric rows), three benchmark JSONs, the HLO and trace of the
 # first; COMPARE (below) adds one JSON per checkout compared, so compare at most two. About
 # 7.5 minutes on an H100, plus a minute for each checkout compared. 'quick' stops after the
-# first benchmark; 'compare' runs an A/B alone (below). Each B/16 benchmark takes about a minute (31 s of it compiling; 137 s
-# with XLA's Triton GEMMs, which pretrain.main.GPU_XLA_FLAGS turns off).
+# first benchmark; 'compare' runs an A/B alone (below). Each B/16 benchmark takes about a
+# minute (31-53 s of it compiling; 137 s with XLA's Triton GEMMs, which
+# pretrain.main.GPU_XLA_FLAGS turns off).
 #
 # On a machine without the project's pins installed (this workplace's GPU image has its own
 # jax), missing packages come as wheels in .whl/ (see the device tool's README): where the
