@@ -40,8 +40,8 @@ def get_config(arg: str | None = None):
         # zero-shot 36.7 / 53.5 / 85.0 / 89.1, shape 38.5 / 47.7 / 75.6 / 79.5; a 1,200-step
         # schedule ends at 69.7 / 59.2 and an 800-step one at 51.6 / 44.7.
         # ~8.5-9.5 minutes on 2 cores; --config.total_steps=400 is a ~3-minute smoke run.
-        # Halving the batch instead (64, 1,600 steps, half the compute) ends far lower:
-        # zero-shot 45.7, shape 46.5, i->t R@1 46.9, mIoU 0.8 (session 11).
+        # A smaller batch or a higher lr does not get there sooner: batch 64 for 1,600 steps
+        # ends at zero-shot 45-46, shape 45-47 (benchmarks/results/ablation_dreamlip_screens.md).
         config.total_steps = 1600
         # Shapes texts in the shapes BPE, EOS included (3,000 train scenes): captions <= 15
         # tokens, alt-text <= 25, long-caption sentences <= 26. Texts of 26 tokens cut no
