@@ -68,18 +68,24 @@ bench() {
         --config.batch_size=${BATCH:-512} --steps ${STEPS:-10} --warmup 3 --out "$OUT/$name.json" "$@" \
         2>&1 | grep -v '^W0000\|^I0000' | tail -8 | tee -a "$OUT/bench.log"
 }
-# 'compare': an A/B alone, no trace, tests or training. The step with remat off from this
-# checkout and from each COMPARE checkout (below), then as shipped from this one and the last
-# COMPARE one (at most 5 compared: 8 files come back).
-if [ "${1:-}" = compare ]; then
-    bench clip_b16_base --config.model.remat=none --label 'remat none, this checkout'
-    last=
+# COMPARE="DIR ..." (other checkouts of this repo inside it, carried with the call: e.g.
+# `git archive REF --prefix=.cmp1/ | tar -x` here, then carry .cmp1): the same benchmark
+# with remat off from each, on the same machine, for an A/B (each adds about a minute, and a
+# JSON).
+bench_compared() {
     for dir in ${COMPARE:-}; do
-        last=$dir
         name=compare_$(basename "$dir" | tr -cd 'A-Za-z0-9_-')
         (cd "$dir" && bench "$name" --config.model.remat=none --label "remat none, from $dir")
     done
+}
+# 'compare': an A/B alone, no trace, tests or training. The step with remat off from this
+# checkout and from each COMPARE checkout, then as shipped from this one and the last
+# COMPARE one (at most 5 compared: 8 files come back).
+if [ "${1:-}" = compare ]; then
+    bench clip_b16_base --config.model.remat=none --label 'remat none, this checkout'
+    bench_compared
     bench clip_b16_base_shipped --label 'as shipped, this checkout'
+    last=$(echo ${COMPARE:-} | awk '{print $NF}')
     [ -n "$last" ] && (cd "$last" && bench compare_shipped --label "as shipped, from $last")
     exit 0
 fi
@@ -90,13 +96,7 @@ bench clip_b16_cudnn --config.model.remat=none --profile_steps 3 --profile_dir /
     --hlo_out "$OUT/clip_b16_cudnn_hlo.txt.gz" --label 'remat none, attention auto (cuDNN)'
 cp "$(find /tmp/gpu_trace -name perfetto_trace.json.gz | head -1)" "$OUT/clip_b16_cudnn_trace.json.gz"
 [ "${1:-}" = quick ] && exit 0
-# COMPARE="DIR ..." (other checkouts of this repo inside it, carried with the call: e.g.
-# `git archive REF --prefix=.cmp1/ | tar -x` here, then carry .cmp1): the same benchmark
-# from each, on the same machine, for an A/B (each adds about a minute, and a JSON).
-for dir in ${COMPARE:-}; do
-    name=compare_$(basename "$dir" | tr -cd 'A-Za-z0-9_-')
-    (cd "$dir" && bench "$name" --config.model.remat=none --label "remat none, from $dir")
-done
+bench_compared
 # XLA's attention materialises the (T, T) scores, which at 198 tokens may beat cuDNN's flash
 # kernel (26 ms of the step for ~2.4 TFLOP on the H100, session 10).
 bench clip_b16_xla --config.model.remat=none --config.model.attention=xla \
