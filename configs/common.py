@@ -59,6 +59,9 @@ def vit_config(size: str, *, patch: int, image_size: int, pool: str = 'cls') -> 
             # 'learn' (a table, resized to other grids) or 'sincos2d' (fixed 2D sine-cosine,
             # no parameter: MoCo v3, big_vision's plain ViT).
             posemb='learn',
+            # 'patch' (one linear map per patch) or 'conv' (3x3 stride-2 convolutions down to
+            # the patch grid, then 1x1: pretrain/models/vit.ConvStem; power-of-two patches).
+            stem='patch',
             ln_pre=False,  # CLIP: LayerNorm on the tokens before the first block
             patch_bias=True,  # CLIP's patch conv has no bias
             activation='gelu_tanh',  # or 'gelu' (exact: open_clip), 'quick_gelu' (OpenAI CLIP)

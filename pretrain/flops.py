@@ -15,6 +15,8 @@ import time
 import jax
 import numpy as np
 
+from pretrain.models import vit
+
 
 def transformer_forward(tokens: int, width: int, depth: int, mlp_ratio: float) -> float:
     d, f, t = width, width * mlp_ratio, tokens
@@ -31,7 +33,15 @@ def image_text_forward(
     text_length = text_length or txt.context_length
     patches = (image_size // img.patch) ** 2
     tokens = patches + (1 if img.pool == 'cls' else 0)
-    flops = 2 * patches * (img.patch * img.patch * 3) * img.width  # patch embedding
+    if img.get('stem', 'patch') == 'conv':  # 3x3 stride-2 convolutions, then 1x1 to width
+        channels = vit.conv_stem_channels(img.patch, img.width)
+        side, flops = image_size, 0
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            side = -(-side // 2)
+            flops += 2 * side * side * 9 * c_in * c_out
+        flops += 2 * patches * channels[-1] * img.width
+    else:
+        flops = 2 * patches * (img.patch * img.patch * 3) * img.width  # patch embedding
     flops += transformer_forward(tokens, img.width, img.depth, img.mlp_ratio)
     if img.pool == 'map':  # probe attention + its mlp on one token
         flops += 2 * (

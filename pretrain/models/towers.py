@@ -73,6 +73,7 @@ class ImageTextModel(nnx.Module):
             pixel_std=img.get('pixel_std', None),
             attention=attention,
             posemb=img.get('posemb', 'learn'),
+            stem=img.get('stem', 'patch'),
             rngs=rngs,
         )
         self.text = TextTransformer(

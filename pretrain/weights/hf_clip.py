@@ -27,6 +27,7 @@ LAYOUT = 'hf_clip'
 # text tower, bias-free projections. Activation / eps / heads come from config.json.
 KNOBS = {
     'image.posemb': 'learn',
+    'image.stem': 'patch',
     'image.ln_pre': True,
     'image.patch_bias': False,
     'image.pool': 'cls',

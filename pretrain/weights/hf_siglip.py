@@ -22,6 +22,7 @@ from pretrain.weights.common import (
 LAYOUT = 'hf_siglip'
 KNOBS = {
     'image.posemb': 'learn',
+    'image.stem': 'patch',
     'image.ln_pre': False,
     'image.patch_bias': True,
     'image.pool': 'map',

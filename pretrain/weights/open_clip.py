@@ -18,6 +18,7 @@ from pretrain.weights.common import Source, apply, conv_to_patch_kernel, linear_
 LAYOUT = 'open_clip'
 KNOBS = {
     'image.posemb': 'learn',
+    'image.stem': 'patch',
     'image.ln_pre': True,
     'image.patch_bias': False,
     'image.pool': 'cls',
