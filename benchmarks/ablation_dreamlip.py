@@ -28,6 +28,8 @@ colour), image->text and text->image R@1, the linear probe and dense zero-shot m
 the object-patch accuracy, which moves before mIoU does).
 
 Extra `--config.k=v` flags go to every variant (e.g. a shorter run for a smoke test).
+The table in results/ablation_dreamlip.md was measured before the tiny model's conv stem
+(session 12); `--config.model.image.stem=patch` reruns it on that model.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ def markdown(results: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    # 800: the CLIP recipes' default; configs/dreamlip.py alone trains 1,600 by default.
+    # 800: the CLIP recipes' default; configs/dreamlip.py alone trains 600 by default.
     parser.add_argument('--steps', type=int, default=800, help='total steps of every variant')
     parser.add_argument('--only', default='a,b,c,d,e,f,g', help='comma-separated variants to run')
     parser.add_argument('--workdir', default='/tmp/ablation_dreamlip')

@@ -191,14 +191,14 @@ def test_conv_stem_flops_match_xla_cost_analysis():
     stem = ConvStem(img.patch, img.width, rngs=nnx.Rngs(0), dtype=jnp.float32)
     x = jnp.zeros((1, img.image_size, img.image_size, 3))
     xla = jax.jit(lambda x: stem(x)).lower(x).compile().cost_analysis()['flops']
+    img.stem = 'patch'
     with_patch = flops.image_text_forward(config.model)
     img.stem = 'conv'
     with_conv = flops.image_text_forward(config.model)
     patch_embed = 2 * (img.image_size // img.patch) ** 2 * img.patch**2 * 3 * img.width
     analytic = with_conv - with_patch + patch_embed
-    # XLA leaves out the taps that fall on the padding and counts the bias adds and GELUs,
-    # which the analytic count does the other way round: within a few percent.
-    assert 0.95 < analytic / xla < 1.05, (analytic, xla)
+    # XLA also counts the bias adds and GELUs, which the analytic count leaves out.
+    assert 0.9 < analytic / xla <= 1.0, (analytic, xla)
 
 
 def test_text_pooling_ignores_padding_and_future_tokens():
