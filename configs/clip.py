@@ -31,12 +31,12 @@ def get_config(arg: str | None = None):
         # tower is 2.5x shorter and its tokens are words. CLIP, 400 steps, one core: 4.1 vs
         # 5.4 minutes, zero-shot 33.8 vs 25.6, shape 23.6 vs 19.1, i->t R@1 35.7 vs 28.9.
         # Conv stem (pretrain/models/vit.ConvStem) instead of the linear patch embedding:
-        # shape is then learnt in a third of the steps. Supervised on shape alone the tower
-        # reaches 90% held-out in 400 steps against 37% in 600 (benchmarks/supervised_shape.py);
-        # DreamLIP at 800 steps ends at zero-shot 98.8 / shape 92.6 (seed 0) and 93.4 / 75.2
-        # (seed 1), against 51.6 / 44.7 with the patch embedding and 86.5 / 79.1 at 1,600
-        # steps (benchmarks/results/ablation_dreamlip_screens.md, "Conv stem"). It costs
-        # +11% FLOPs and +22% step time on CPU (0.556 -> 0.680 s, configs/dreamlip.py).
+        # shape is learnt several times sooner. DreamLIP at 800 steps ends at zero-shot 98.8 /
+        # shape 92.6 (seed 0) and 93.4 / 75.2 (seed 1), against 51.6 / 44.7 with the patch
+        # embedding; this CLIP recipe (800 steps, seed 0) at 98.2 / 90.0 against 51.2 / 49.4
+        # (benchmarks/results/ablation_dreamlip_screens.md, "Conv stem"; supervised on shape
+        # alone: benchmarks/supervised_shape.py). +11% FLOPs and step time on CPU
+        # (configs/dreamlip.py: 0.455 / 0.461 -> 0.509 / 0.510 s, benchmarks/train_step.py).
         config = common.base_config(total_steps=800, batch_size=128)
         image = common.vit_config('mu', patch=8, image_size=64, pool='mean')
         image.stem = 'conv'
