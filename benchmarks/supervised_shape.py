@@ -25,26 +25,17 @@ from flax import nnx
 from configs import clip
 from input_pipeline.sources import shapes
 from pretrain import optim
-from pretrain.models.vit import STEMS, VisionTransformer
+from pretrain.models.towers import ImageTextModel
+from pretrain.models.vit import STEMS
 
 LABELS = {'shape_label': len(shapes.SHAPES), 'colour_label': len(shapes.COLOURS), 'label': 48}
 
 
 class Classifier(nnx.Module):
-    def __init__(self, image_config, num_classes: int, *, rngs: nnx.Rngs):
-        c = image_config
-        self.tower = VisionTransformer(
-            width=c.width,
-            depth=c.depth,
-            heads=c.heads,
-            patch=c.patch,
-            image_size=c.image_size,
-            pool=c.pool,
-            posemb=c.posemb,
-            stem=c.stem,
-            rngs=rngs,
-        )
-        self.head = nnx.Linear(c.width, num_classes, rngs=rngs)
+    def __init__(self, model_config, num_classes: int, *, rngs: nnx.Rngs):
+        # The image tower exactly as pre-training builds it; the text tower is dropped.
+        self.tower = ImageTextModel(model_config, rngs=rngs).image
+        self.head = nnx.Linear(model_config.image.width, num_classes, rngs=rngs)
 
     def __call__(self, images):
         return self.head(self.tower(images)[0])
@@ -69,7 +60,7 @@ def main(argv=None):
     config = clip.get_config()
     image_config = config.model.image
     image_config.stem, image_config.posemb = args.stem, args.posemb
-    model = Classifier(image_config, LABELS[args.label], rngs=nnx.Rngs(args.seed))
+    model = Classifier(config.model, LABELS[args.label], rngs=nnx.Rngs(args.seed))
     params = nnx.as_pure(nnx.state(model, nnx.Param))
     tx = optim.make_optimizer(config.optim, params, args.steps)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
