@@ -22,7 +22,9 @@ from pretrain.models.towers import ImageTextModel
 
 
 def tiny_config(*extra):
-    overrides, _ = config_cli.parse_overrides(TINY + list(extra))
+    # The patch embedding: the tests below list its parameter names by hand.
+    stem = ['--config.model.image.stem=patch']
+    overrides, _ = config_cli.parse_overrides(TINY + stem + list(extra))
     return config_cli.build_config('configs/clip.py', overrides)
 
 
