@@ -64,7 +64,7 @@ class ConvStem(nnx.Module):
     corners must be relearnt at every offset inside the patch. Shapes is the case in point:
     the tiny ViT supervised on the largest object's shape alone (6 classes, chance 16.7%) is
     at 23% after 200 steps and 37% after 600 with the patch embedding, 55% after 200 and
-    90% after 400 with this stem (benchmarks/results/ablation_dreamlip_screens.md).
+    90% after 400 with this stem (a scratch run; benchmarks/results/ablation_dreamlip_screens.md).
     No norm between the convolutions (the paper's BatchNorm would tie examples together).
     """
 
@@ -98,7 +98,7 @@ def conv3x3_stride2(x_bhwc, kernel_hwio):
 
     Same values as lax.conv_general_dilated (XLA's 'SAME' pads the far side first), and on
     CPU twice as fast with its gradients: ConvStem's forward + backward at batch 128, 64 px,
-    170 -> 83 ms (one process, alternating rounds; benchmarks/README.md).
+    170 -> 83 ms (one process, alternating rounds; results/ablation_dreamlip_screens.md).
     """
     b, h, w, c = x_bhwc.shape
     ho, wo = -(-h // 2), -(-w // 2)
