@@ -63,8 +63,9 @@ class ConvStem(nnx.Module):
     Why: a linear map of each patch sees pixels only through a fixed grid, so edges and
     corners must be relearnt at every offset inside the patch. Shapes is the case in point:
     the tiny ViT supervised on the largest object's shape alone (6 classes, chance 16.7%) is
-    at 23% after 200 steps and 37% after 600 with the patch embedding, 55% after 200 and
-    90% after 400 with this stem (a scratch run; benchmarks/results/ablation_dreamlip_screens.md).
+    at 23% after 200 steps and 29% after 600 with the patch embedding, 63% after 200 and
+    89% after 400 with this stem (benchmarks/supervised_shape.py; figures in
+    benchmarks/results/ablation_dreamlip_screens.md).
     No norm between the convolutions (the paper's BatchNorm would tie examples together).
     """
 
