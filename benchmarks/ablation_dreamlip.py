@@ -28,8 +28,9 @@ colour), image->text and text->image R@1, the linear probe and dense zero-shot m
 the object-patch accuracy, which moves before mIoU does).
 
 Extra `--config.k=v` flags go to every variant (e.g. a shorter run for a smoke test).
-The table in results/ablation_dreamlip.md was measured before the tiny model's conv stem
-(session 12); `--config.model.image.stem=patch` reruns it on that model.
+results/ablation_dreamlip.md is this script's default run (600 steps, the tiny model's conv
+stem); results/ablation_dreamlip_patch_stem.md the same at 800 steps with the linear patch
+embedding the tiny model had before (`--steps 800 --config.model.image.stem=patch`).
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ def markdown(results: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    # 800: the CLIP recipes' default; configs/dreamlip.py alone trains 600 by default.
-    parser.add_argument('--steps', type=int, default=800, help='total steps of every variant')
+    # 600: configs/dreamlip.py's default (the quick start); the CLIP recipes default to 800.
+    parser.add_argument('--steps', type=int, default=600, help='total steps of every variant')
     parser.add_argument('--only', default='a,b,c,d,e,f,g', help='comma-separated variants to run')
     parser.add_argument('--workdir', default='/tmp/ablation_dreamlip')
     parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks/results/ablation_dreamlip'))

@@ -22,18 +22,18 @@ def get_config(arg: str | None = None):
     # The paper's data: the released DreamLIP captions give every image a short and a long
     # caption from each MLLM next to its raw alt-text. In shapes `caption` is the short
     # MLLM caption, `long_caption` the long one and `alt_text` the raw web text. The global
-    # term uses the short caption: with the raw alt-text instead, 800 steps reach zero-shot
-    # 16.8 / i->t R@1 18.0 at the weights below (ablation (f)) and 27.5 / 28.1 with
-    # multi-positive and grouping at weight 1 (g), against 51.6 / 52.1 here (d).
+    # term uses the short caption: with the raw alt-text instead, 600 steps reach zero-shot
+    # 14.5 / i->t R@1 16.6 at the weights below (ablation (f)) and 32.2 / 30.1 with
+    # multi-positive and grouping at weight 1 (g), against 82.4 / 64.8 here (d).
     config.input.caption_field = 'caption'
     config.input.subcaption_field = 'long_caption'
     # Shapes long captions have 2-4 sentences, so K=3 rarely repeats one; the paper uses 6+
     # sentences per real long caption. With the shapes BPE every sentence fits 26 tokens
     # (bytes needed 96-132), so the 1 + K texts per image cost about as much as the image
-    # tower: a step is ~1.5x a CLIP step (benchmarks/results/ablation_dreamlip.md). The
+    # tower: a step is ~1.35x a CLIP step (benchmarks/results/ablation_dreamlip.md). The
     # tiny model, optimizer and evaluation (patch 8 conv stem, mean pooling, lr 2e-3, 'tokens' dense
     # readout) are configs/clip.py's, and the ablation (benchmarks/ablation_dreamlip.py)
-    # runs every variant for 800 steps, so it compares objectives and captions only.
+    # runs every variant for the same 600 steps, so it compares objectives and captions only.
     if tiny:
         # 600 steps. With configs/clip.py's conv stem, 600-step runs end at zero-shot /
         # shape / i->t R@1 87.3 / 73.2 / 67.8 (seed 2) and 87.9 / 69.7 / 70.5 (seed 3);
