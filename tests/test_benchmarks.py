@@ -223,3 +223,40 @@ def test_supervised_shape_diagnostic_learns_and_writes_its_curve(tmp_path):
     assert json.loads(out.read_text()) == result
     assert [c['step'] for c in result['curve']] == [15, 30] and result['chance'] == 12.5
     assert result['curve'][-1]['eval_accuracy'] > 2 * result['chance'], result['curve']
+
+
+def test_dreamlip_ablation_tabulates_its_variants_and_reads_finished_runs_back(python, tmp_path):
+    """Two variants for 3 steps at batch 16 with small evaluations: every table column is
+    filled from the run's own final evaluation, and a rerun reads the finished workdirs back
+    instead of training them again."""
+    from benchmarks import ablation_dreamlip as ablation
+
+    out = tmp_path / 'abl'
+    small_evals = [
+        '--config.batch_size=16',
+        '--config.evals.zeroshot.num_examples=64',
+        '--config.evals.retrieval.num_examples=64',
+        '--config.evals.linear_probe.num_train=64',
+        '--config.evals.linear_probe.num_val=32',
+        '--config.evals.linear_probe.num_test=32',
+        '--config.evals.dense_zeroshot.num_examples=16',
+    ]
+    args = ['-m', 'benchmarks.ablation_dreamlip', '--only', 'a,d', '--steps', '3']
+    args += ['--workdir', str(tmp_path / 'runs'), '--out', str(out), *small_evals]
+    python(args, timeout=300)
+    first = json.loads((tmp_path / 'abl.json').read_text())
+    assert first['steps'] == 3 and sorted(first['variants']) == ['a', 'd']
+    for key, run in first['variants'].items():
+        assert run['name'] == ablation.VARIANTS[key][0] and run['step'] == 3
+        assert run['wall_s'] > 0  # trained in this call
+        for metric, _ in ablation.COLUMNS:
+            assert 0 <= run['metrics'][metric] <= 1, (key, metric)
+    table = (tmp_path / 'abl.md').read_text()
+    assert '| (a) clip_alt_text |' in table and '| (d) dreamlip |' in table
+    assert 'All at step 3' in table
+
+    python(args, timeout=120)
+    again = json.loads((tmp_path / 'abl.json').read_text())
+    for key, run in again['variants'].items():
+        assert run['wall_s'] is None  # read back, not retrained
+        assert run['metrics'] == first['variants'][key]['metrics']
