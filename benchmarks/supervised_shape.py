@@ -28,7 +28,11 @@ from pretrain import optim
 from pretrain.models.towers import ImageTextModel
 from pretrain.models.vit import STEMS
 
-LABELS = {'shape_label': len(shapes.SHAPES), 'colour_label': len(shapes.COLOURS), 'label': 48}
+LABELS = {
+    'shape_label': len(shapes.SHAPES),
+    'colour_label': len(shapes.COLOURS),
+    'label': shapes.NUM_CLASSES,
+}
 
 
 class Classifier(nnx.Module):
