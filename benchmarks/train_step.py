@@ -408,7 +408,8 @@ def run_benchmark(args, overrides) -> dict:
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
 
-        peak_before, peak_source = flops.peak_flops_per_device()
+        precision = config.model.get('matmul_precision', 'default')
+        peak_before, peak_source = flops.peak_flops_per_device(matmul_precision=precision)
 
         # The compiled executable itself runs the steps: a sharding mismatch between the
         # returned and the donated state would raise here rather than silently recompile.
@@ -430,7 +431,7 @@ def run_benchmark(args, overrides) -> dict:
         last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
 
         profile = profile_steps(one_step, args) if args.profile_steps > 0 else None
-        peak_after, _ = flops.peak_flops_per_device()
+        peak_after, _ = flops.peak_flops_per_device(matmul_precision=precision)
         parts = (
             breakdown(graphdef, objective, state, batch, mesh, steps=args.steps, warmup=args.warmup)
             if args.breakdown

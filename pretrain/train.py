@@ -163,7 +163,9 @@ def run(config, workdir: str) -> dict:
         last_good = start or None
         train_step = step_lib.jit_train_step(config, graphdef, objective, shardings, mesh)
 
-        peak, peak_source = flops.peak_flops_per_device()
+        peak, peak_source = flops.peak_flops_per_device(
+            matmul_precision=config.model.get('matmul_precision', 'default')
+        )
         throughput = metrics_lib.Throughput(
             batch_size=config.batch_size,
             flops_per_step=flops.train_step_flops(config, objective.fields),

@@ -378,8 +378,9 @@ def test_dense_readouts_rebuild_the_vit_forward(pool):
     images = np.asarray(np.random.default_rng(6).integers(0, 256, (3, 32, 32, 3)), np.uint8)
     _, aux = model.encode_image(images)
     vit = model.image
-    x = dz.tokens_before_last_block(vit, images)
-    rebuilt = vit.ln(vit.encoder.blocks[-1](x))
+    with model.precision():  # the towers' matmul precision (the tiny config's 'auto')
+        x = dz.tokens_before_last_block(vit, images)
+        rebuilt = vit.ln(vit.encoder.blocks[-1](x))
     rebuilt = rebuilt[:, 1:] if pool == 'cls' else rebuilt
     np.testing.assert_allclose(rebuilt, aux['img/tokens'], atol=1e-5)
     for readout in dz.READOUTS:
@@ -387,8 +388,9 @@ def test_dense_readouts_rebuild_the_vit_forward(pool):
         assert feats.shape == (3, 16, 16)
         np.testing.assert_allclose(np.linalg.norm(feats, axis=-1), 1.0, atol=1e-5)
     values = np.asarray(dz.patch_features(model, images, 'value'))
-    want = vit.ln(vit.encoder.blocks[-1].attn.values(vit.encoder.blocks[-1].ln1(x)))
-    want = model.image_proj(want[:, 1:] if pool == 'cls' else want)
+    with model.precision():
+        want = vit.ln(vit.encoder.blocks[-1].attn.values(vit.encoder.blocks[-1].ln1(x)))
+        want = model.image_proj(want[:, 1:] if pool == 'cls' else want)
     np.testing.assert_allclose(
         values, want / np.linalg.norm(want, axis=-1, keepdims=True), atol=1e-5
     )

@@ -1,5 +1,7 @@
 """Towers against an independent numpy forward pass, pooling and position behaviour."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -369,6 +371,70 @@ def test_dense_matmul_gradients_match_autodiff(d_in, d_out):
     want = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x, w)
     for g, r in zip(got, want):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def bf16_rounded(a):
+    return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize('d_in,d_out', [(48, 16), (16, 48)])
+def test_bf16_matmul_operands_match_numpy_on_rounded_operands(d_in, d_out):
+    # Under jax.default_matmul_precision('bfloat16') layers.matmul rounds x, w and the
+    # incoming gradient to bf16 and accumulates in f32, on CPU too: the output and both
+    # gradients equal float64 products of the rounded operands, not of the f32 ones.
+    x, w, dy = (
+        np.random.default_rng(i).normal(size=shape).astype(np.float32)
+        for i, shape in enumerate([(64, d_in), (d_in, d_out), (64, d_out)])
+    )
+    loss = lambda x, w: jnp.sum(layers.matmul(x, w) * dy)
+    with jax.default_matmul_precision('bfloat16'):
+        y = jax.jit(layers.matmul)(x, w)
+        dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+    x16, w16, dy16 = bf16_rounded(x), bf16_rounded(w), bf16_rounded(dy)
+    for got, want_bf16, want_f32 in [
+        (y, x16 @ w16, x.astype(np.float64) @ w),
+        (dx, dy16 @ w16.T, dy.astype(np.float64) @ w.T),
+        (dw, x16.T @ dy16, x.T.astype(np.float64) @ dy),
+    ]:
+        got = np.asarray(got, np.float64)
+        np.testing.assert_allclose(got, want_bf16, rtol=1e-5, atol=1e-5)
+        # Rounding the operands moves the result by ~1e-2 here: far more than the check.
+        assert np.abs(got - want_f32).max() > 1e-3
+    y_f32 = jax.jit(layers.matmul)(x, w)  # outside the context: f32 again
+    np.testing.assert_allclose(y_f32, x.astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not layers.cpu_has_amx(), reason='measured only on CPUs with AMX (Intel Xeon)')
+def test_bf16_matmul_runs_its_three_dots_in_bf16():
+    # XLA turns a bf16 dot it cannot hand to YNNPACK back into an f32 dot (converting the
+    # operands) without a word: the forward and both gradient dots must keep bf16 operands.
+    x, w = jnp.ones((256, 48)), jnp.ones((48, 16))
+    for shapes in [(x, w), (x[:, :16], w.T)]:  # d_in > d_out and d_in < d_out
+        loss = lambda x, w: jnp.sum(jnp.sin(layers.matmul(x, w)))
+        with jax.default_matmul_precision('bfloat16'):
+            hlo = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(*shapes).compile().as_text()
+        types = dict(re.findall(r'%([\w.\-]+) = (\w+)\[', hlo))  # HLO names are unique
+        dots = re.findall(r' dot\(%([\w.\-]+), %([\w.\-]+)\)', hlo)
+        assert len(dots) == 3, hlo
+        assert [(types[a], types[b]) for a, b in dots] == [('bf16', 'bf16')] * 3, hlo
+
+
+def test_matmul_precision_of_the_model_config():
+    config = clip.get_config()
+    with nnx.use_eager_sharding(False):
+        config.model.matmul_precision = 'default'
+        f32 = ImageTextModel(config.model, rngs=nnx.Rngs(0))
+        config.model.matmul_precision = 'bfloat16'
+        bf16 = ImageTextModel(config.model, rngs=nnx.Rngs(0))
+    image = jax.random.randint(jax.random.key(0), (2, 64, 64, 3), 0, 256).astype(jnp.uint8)
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 1, 100)
+    (zi, zt), _ = f32(image, tokens)
+    (zi16, zt16), _ = bf16(image, tokens)
+    for a, b in [(zi, zi16), (zt, zt16)]:  # same parameters; only the operands' rounding
+        assert 1e-5 < float(jnp.abs(a - b).max()) < 5e-2
+    config.model.matmul_precision = 'bf16'
+    with pytest.raises(ValueError, match="unknown matmul_precision 'bf16'; valid: auto, default"):
+        ImageTextModel(config.model, rngs=nnx.Rngs(0))
 
 
 def test_layernorm_folded_into_dense_matches_layernorm_then_dense():

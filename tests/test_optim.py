@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import TINY
+from conftest import F32_MATMULS, TINY
 from configs import clip
 from pretrain import config_cli, optim, sharding, step as step_lib, train
 from pretrain.models.towers import ImageTextModel
@@ -24,7 +24,7 @@ from pretrain.models.towers import ImageTextModel
 def tiny_config(*extra):
     # The patch embedding: the tests below list its parameter names by hand.
     stem = ['--config.model.image.stem=patch']
-    overrides, _ = config_cli.parse_overrides(TINY + stem + list(extra))
+    overrides, _ = config_cli.parse_overrides(TINY + stem + F32_MATMULS + list(extra))
     return config_cli.build_config('configs/clip.py', overrides)
 
 

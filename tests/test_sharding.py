@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
-from conftest import ROOT, TINY
+from conftest import F32_MATMULS, ROOT, TINY
 from pretrain import config_cli, sharding, train
 from pretrain.models import layers
 
@@ -34,7 +34,7 @@ PIN = [
 
 
 def tiny_config(*extra):
-    overrides, _ = config_cli.parse_overrides(TINY + PIN + list(extra))
+    overrides, _ = config_cli.parse_overrides(TINY + PIN + F32_MATMULS + list(extra))
     return config_cli.build_config('configs/clip.py', overrides)
 
 
@@ -218,6 +218,7 @@ def _launch(devices, meshes):
         *(f'--mesh={m}' for m in meshes),
         *TINY,
         *PIN,
+        *F32_MATMULS,
     ]
     return subprocess.Popen(
         args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

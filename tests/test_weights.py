@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import F32_MATMULS
 from configs import common
 from pretrain import weights
 from pretrain.weights import exported
@@ -276,9 +277,8 @@ def test_printed_overrides_build_the_model_of_the_weights(fmt):
     from pretrain import config_cli
 
     path = os.path.join(FIXTURES, LAYOUTS[fmt][0])
-    config = config_cli.build_config(
-        'configs/clip.py', config_cli.parse_overrides(weights.overrides(fmt, path))[0]
-    )
+    overrides = weights.overrides(fmt, path) + F32_MATMULS  # f32, to match the reference
+    config = config_cli.build_config('configs/clip.py', config_cli.parse_overrides(overrides)[0])
     model = exported.build_model(config.model)
     weights.import_weights(model, config.model, fmt, path)
     ref = reference(fmt)

@@ -68,18 +68,19 @@ def tokens_before_last_block(vit, images):
 def patch_features(model, images, readout: str):
     """(B, N, D) unit-norm per-patch features in the joint image-text space."""
     vit = model.image
-    if readout == 'tokens':
-        tokens = model.encode_image(images)[1]['img/tokens']
-    else:
-        x = tokens_before_last_block(vit, images)
-        last = vit.encoder.blocks[-1]
-        y = last.attn.values(last.ln1(x))
-        if readout == 'value_residual':
-            y = x + y
-            y = y + last.mlp(last.ln2(y))
-        tokens = vit.ln(y)
-        tokens = tokens[:, 1:] if vit.cls is not None else tokens
-    return l2_normalize(model.image_proj(tokens))
+    with model.precision():  # the matmul precision encode_image runs the tower in
+        if readout == 'tokens':
+            tokens = model.encode_image(images)[1]['img/tokens']
+        else:
+            x = tokens_before_last_block(vit, images)
+            last = vit.encoder.blocks[-1]
+            y = last.attn.values(last.ln1(x))
+            if readout == 'value_residual':
+                y = x + y
+                y = y + last.mlp(last.ln2(y))
+            tokens = vit.ln(y)
+            tokens = tokens[:, 1:] if vit.cls is not None else tokens
+        return l2_normalize(model.image_proj(tokens))
 
 
 # ---------------------------------------------------------------------------------------

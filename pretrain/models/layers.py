@@ -44,16 +44,111 @@ def _matmul_bwd(res, dy_nf):
 _matmul_wide_rhs_grad.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def matmul(x_nd, w_df):
-    """x @ w for (N, d) x (d, f), with a CPU-friendly weight gradient when d > f.
+def _row_major_transpose(a_mn):
+    """a.T as its own row-major (n, m) array, for a bf16 dot on CPU.
 
-    XLA on CPU computes the weight gradient x^T dy as one Eigen dot contracting the
-    N = B*T rows (YNNPACK does not take that form). Eigen runs it much faster when the
+    XLA's CPU compiler decides whether a bf16 dot can run as one (YNNPACK) before it
+    assigns layouts. A transpose reaches that check as a column-major view ({0,1}
+    layout), which it takes for unsupported, and it then converts both operands back to
+    f32 (no faster than the f32 dot). A reshape's result is row-major there; the barrier
+    keeps JAX from cancelling the two reshapes. XLA still folds them away afterwards and
+    writes the transpose as a copy.
+    """
+    a_nm = a_mn.T
+    return jax.lax.optimization_barrier(a_nm[..., None]).reshape(a_nm.shape)
+
+
+def _dot_f32(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _matmul_bf16_operands(x_nd, w_df):
+    return _dot_f32(x_nd.astype(jnp.bfloat16), w_df.astype(jnp.bfloat16))
+
+
+def _matmul_bf16_fwd(x_nd, w_df):
+    x16, w16 = x_nd.astype(jnp.bfloat16), w_df.astype(jnp.bfloat16)
+    return _dot_f32(x16, w16), (x16, w16)
+
+
+def _matmul_bf16_bwd(res, dy_nf):
+    x16, w16 = res
+    dy16 = dy_nf.astype(jnp.bfloat16)
+    dx_nd = _dot_f32(dy16, _row_major_transpose(w16))
+    # The weight gradient transposes the narrower of the two (N, .) operands.
+    if x16.shape[1] <= dy16.shape[1]:
+        dw_df = _dot_f32(_row_major_transpose(x16), dy16)
+    else:  # the barrier keeps the small (f, d) result's transpose out of the dot
+        dw_df = jax.lax.optimization_barrier(_dot_f32(_row_major_transpose(dy16), x16)).T
+    return dx_nd, dw_df
+
+
+_matmul_bf16_operands.defvjp(_matmul_bf16_fwd, _matmul_bf16_bwd)
+
+
+def bf16_matmul_operands() -> bool:
+    """Whether f32 matmuls round their operands to bfloat16 here (f32 accumulation).
+
+    On accelerators XLA reads `jax.default_matmul_precision` itself; XLA on CPU computes
+    every f32 dot in f32 whatever it says. `matmul` honours 'bfloat16' there, which is
+    the setting `model.matmul_precision` (towers.py) enters.
+    """
+    precision = jax.config.jax_default_matmul_precision
+    return jax.default_backend() == 'cpu' and str(precision).lower() in BF16_PRECISIONS
+
+
+BF16_PRECISIONS = ('bfloat16', 'bf16_bf16_f32')
+MATMUL_PRECISIONS = ('auto', 'default', 'bfloat16', 'float32')
+
+
+def cpu_has_amx() -> bool:
+    """Whether this host's CPU multiplies bf16 matrices in AMX tiles (Linux only)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return any(line.startswith('flags') and ' amx_bf16' in line for line in f)
+    except OSError:
+        return False
+
+
+def resolve_matmul_precision(name: str) -> str:
+    """`model.matmul_precision` as the value for `jax.default_matmul_precision`.
+
+    'auto' is 'bfloat16' on CPUs with AMX, where bf16 operands make the ViT-Ti step 1.6x
+    faster (benchmarks/README.md), and 'default' elsewhere: accelerators already run
+    the towers in bf16 (`model.dtype`), and other CPUs have not been measured.
+    'default' is each backend's own (f32 on CPU), 'float32' full f32 everywhere.
+    """
+    if name not in MATMUL_PRECISIONS:
+        raise ValueError(
+            f"unknown matmul_precision '{name}'; valid: {', '.join(MATMUL_PRECISIONS)}"
+        )
+    if name == 'auto':
+        return 'bfloat16' if jax.default_backend() == 'cpu' and cpu_has_amx() else 'default'
+    return name
+
+
+def matmul(x_nd, w_df):
+    """x @ w for (N, d) x (d, f), with CPU-specific forward and gradient dots.
+
+    Under `jax.default_matmul_precision('bfloat16')` on CPU (`bf16_matmul_operands`):
+    the operands are rounded to bf16 and the three dots (forward, input and weight
+    gradients) accumulate in f32, each as a plain (row-major) x (row-major) dot, the
+    one form XLA hands to YNNPACK's bf16 kernels. Where the CPU has AMX (Intel Xeon
+    since Sapphire Rapids) those run at ~1.5 TFLOP/s on 2 cores against ~285 for f32
+    (measured: benchmarks/README.md, "bf16 matmul operands on CPU"). The activations
+    saved for the backward pass are bf16 too: half the memory.
+
+    Otherwise f32 on CPU computes the weight gradient x^T dy as one Eigen dot contracting
+    the N = B*T rows (YNNPACK does not take that form). Eigen runs it much faster when the
     narrower operand is on the left: for the MLP's fc2 (768 -> 192, N = 8192) x^T dy ran at
     ~150 GFLOP/s on one core and (dy^T x)^T at ~220. XLA canonicalises the operand order
     itself, so for d > f the gradient is written as (dy^T x)^T with a barrier. ViT-Ti CLIP
     step -3% (benchmarks/README.md). Elsewhere plain autodiff.
     """
+    f32 = x_nd.dtype == jnp.float32 and w_df.dtype == jnp.float32
+    if f32 and bf16_matmul_operands():
+        return _matmul_bf16_operands(x_nd, w_df)
     if jax.default_backend() == 'cpu' and w_df.shape[0] > w_df.shape[1]:
         return _matmul_wide_rhs_grad(x_nd, w_df)
     return x_nd @ w_df

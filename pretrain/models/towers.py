@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
@@ -40,6 +42,9 @@ class ImageTextModel(nnx.Module):
     written before they existed (a run's config.json) still build the same model:
     `image_proj='none'` (SigLIP: no image projection; embed_dim must equal the image
     width), `proj_bias` (SigLIP's text head has a bias).
+
+    `matmul_precision` is entered as `jax.default_matmul_precision` around each encoder,
+    so it holds for training and for the evaluators, which call these methods.
     """
 
     def __init__(self, config: ConfigDict, *, rngs: nnx.Rngs):
@@ -55,6 +60,9 @@ class ImageTextModel(nnx.Module):
             if value < 1:
                 raise ValueError(f'{key} must be >= 1, got {value}')
         attention = config.get('attention', 'auto')
+        self.matmul_precision = layers.resolve_matmul_precision(
+            config.get('matmul_precision', 'default')
+        )
         self.image = VisionTransformer(
             width=img.width,
             depth=img.depth,
@@ -128,9 +136,16 @@ class ImageTextModel(nnx.Module):
             jnp.asarray(math.log(config.grouping_logit_scale_init), jnp.float32)
         )
 
+    def precision(self):
+        """The context the towers run in: `matmul_precision` as JAX's matmul precision."""
+        if self.matmul_precision == 'default':
+            return contextlib.nullcontext()
+        return jax.default_matmul_precision(self.matmul_precision)
+
     def encode_image(self, image, *, train: bool = False):
-        pooled, aux = self.image(image, train=train)
-        emb = self.image_proj(pooled)
+        with self.precision():
+            pooled, aux = self.image(image, train=train)
+            emb = self.image_proj(pooled)
         return l2_normalize(emb), {
             'img/pooled': pooled,
             'img/tokens': aux['tokens'],
@@ -139,8 +154,9 @@ class ImageTextModel(nnx.Module):
         }
 
     def encode_text(self, tokens, *, train: bool = False):
-        pooled, aux = self.text(tokens, train=train)
-        emb = self.text_proj(pooled)
+        with self.precision():
+            pooled, aux = self.text(tokens, train=train)
+            emb = self.text_proj(pooled)
         return l2_normalize(emb), {
             'txt/pooled': pooled,
             'txt/tokens': aux['tokens'],
@@ -153,9 +169,10 @@ class ImageTextModel(nnx.Module):
         read at their EOS positions `ends` (B, T): equal to encode_text of each text alone."""
         if self.text.pool != 'eos':
             raise ValueError(f"packed texts need model.text.pool 'eos', not '{self.text.pool}'")
-        x = self.text.encode_packed(tokens, segments, positions)
-        pooled = jnp.take_along_axis(x, ends[..., None], axis=1)
-        return l2_normalize(self.text_proj(pooled))
+        with self.precision():
+            x = self.text.encode_packed(tokens, segments, positions)
+            pooled = jnp.take_along_axis(x, ends[..., None], axis=1)
+            return l2_normalize(self.text_proj(pooled))
 
     def __call__(self, image, tokens, *, train: bool = False):
         zimg, img_aux = self.encode_image(image, train=train)
