@@ -260,3 +260,23 @@ def test_dreamlip_ablation_tabulates_its_variants_and_reads_finished_runs_back(p
     for key, run in again['variants'].items():
         assert run['wall_s'] is None  # read back, not retrained
         assert run['metrics'] == first['variants'][key]['metrics']
+
+
+def test_cpu_matmul_forms_times_each_form_and_computes_the_same_products(monkeypatch, tmp_path):
+    from benchmarks import cpu_matmul_forms
+
+    monkeypatch.setattr(cpu_matmul_forms, 'SHAPES', [(64, 16, 48)])
+    monkeypatch.setattr(cpu_matmul_forms.flops, 'measured_matmul_flops', lambda **kw: 1e9)
+    out = tmp_path / 'forms.json'
+    result = cpu_matmul_forms.main(['--out', str(out), '--repeats', '1'])
+    assert json.loads(out.read_text())['layers'] == result['layers']
+    (row,) = result['layers']
+    assert set(row) == {'n', 'd_in', 'd_out', 'f32', 'bf16_plain', 'bf16_layers'}
+    for form in ('f32', 'bf16_plain', 'bf16_layers'):
+        assert row[form]['forward_gflops'] > 0 and row[form]['forward_backward_gflops'] > 0
+    # The three forms compute the same product (to bf16 rounding), so the rates compare.
+    x, w = jnp.ones((8, 16)) / 3, jnp.ones((16, 4)) / 7
+    want = np.asarray(x @ w)
+    for mm, precision in cpu_matmul_forms.forms().values():
+        with jax.default_matmul_precision(precision):
+            np.testing.assert_allclose(jax.jit(mm)(x, w), want, rtol=1e-2)

@@ -36,6 +36,8 @@ patches"), and `miou_ceiling`.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -68,7 +70,8 @@ def tokens_before_last_block(vit, images):
 def patch_features(model, images, readout: str):
     """(B, N, D) unit-norm per-patch features in the joint image-text space."""
     vit = model.image
-    with model.precision():  # the matmul precision encode_image runs the tower in
+    # The matmul precision encode_image runs the tower in (models without one: as they are).
+    with getattr(model, 'precision', contextlib.nullcontext)():
         if readout == 'tokens':
             tokens = model.encode_image(images)[1]['img/tokens']
         else:
