@@ -19,7 +19,6 @@ rate; run this where you train before choosing `--config.model.matmul_precision`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import train_step
 from benchmarks.results_io import write_json
 from pretrain import flops
 from pretrain.models import layers
@@ -46,7 +46,8 @@ def best_time(fn, *args, repeats: int) -> float:
 
 
 def bf16_dot(x, w):
-    return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    return jnp.dot(x16, w16, preferred_element_type=jnp.float32)
 
 
 def forms() -> dict:
@@ -79,17 +80,6 @@ def measure(n: int, d: int, f: int, repeats: int) -> dict:
     return out
 
 
-def cpu_model() -> str:
-    try:
-        with open('/proc/cpuinfo') as fh:
-            for line in fh:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', default='benchmarks/results/cpu_matmul_forms.json')
@@ -97,7 +87,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     result = {
         'command': 'python -m benchmarks.cpu_matmul_forms ' + ' '.join(argv or []),
-        'cpu': cpu_model(),
+        'cpu': train_step.cpu_model() or platform.processor(),
         'cores': os.cpu_count(),
         'amx_bf16': layers.cpu_has_amx(),
         'jax': jax.__version__,
@@ -111,15 +101,17 @@ def main(argv=None) -> dict:
         ],
     }
     write_json(args.out, result)
-    print(f"{result['cpu']}: 2048^3 f32 {result['matmul_2048_gflops']['f32']:.0f}, "
-          f"bf16 {result['matmul_2048_gflops']['bf16']:.0f} GFLOP/s")
+    rates = result['matmul_2048_gflops']
+    print(f"{result['cpu']}: 2048^3 f32 {rates['f32']:.0f}, bf16 {rates['bf16']:.0f} GFLOP/s")
     for row in result['layers']:
-        rates = ', '.join(
+        forms_rates = ', '.join(
             f"{k} {row[k]['forward_gflops']:.0f} / {row[k]['forward_backward_gflops']:.0f}"
             for k in forms()
         )
-        print(f"({row['n']}, {row['d_in']}) x ({row['d_in']}, {row['d_out']}): "
-              f"GFLOP/s forward / forward+backward: {rates}")
+        print(
+            f"({row['n']}, {row['d_in']}) x ({row['d_in']}, {row['d_out']}): "
+            f'GFLOP/s forward / forward+backward: {forms_rates}'
+        )
     print(f'wrote {args.out}')
     return result
 

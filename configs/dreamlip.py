@@ -24,7 +24,7 @@ def get_config(arg: str | None = None):
     # MLLM caption, `long_caption` the long one and `alt_text` the raw web text. The global
     # term uses the short caption: with the raw alt-text instead, 600 steps reach zero-shot
     # 14.5 / i->t R@1 16.6 at the weights below (ablation (f)) and 32.2 / 30.1 with
-    # multi-positive and grouping at weight 1 (g), against 82.4 / 64.8 here (d).
+    # multi-positive and grouping at weight 1 (g), against 82.4 / 64.8 here (d; all f32 matmuls).
     config.input.caption_field = 'caption'
     config.input.subcaption_field = 'long_caption'
     # Shapes long captions have 2-4 sentences, so K=3 rarely repeats one; the paper uses 6+

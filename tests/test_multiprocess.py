@@ -16,10 +16,11 @@ import time
 
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import F32_MATMULS, ROOT, TINY
 
 MAIN = ['-m', 'pretrain.main']
-ARGS = ['--config', 'configs/clip.py', *TINY, '--config.log_every=1']
+# f32 matmuls: the runs below are compared across meshes and process counts.
+ARGS = ['--config', 'configs/clip.py', *TINY, *F32_MATMULS, '--config.log_every=1']
 RTOL = 1e-4  # the bar; measured: bitwise equal for 2x1 vs 1x2 devices
 
 
