@@ -40,6 +40,12 @@ def parse_args(argv):
     parser.add_argument('--steps', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--compile', action='store_true', help='also time torch.compile')
+    parser.add_argument(
+        '--amp_bf16',
+        action='store_true',
+        help="also time eager under torch.autocast('cpu', bfloat16), open_clip's "
+        '--precision amp_bf16 (the match for --config.model.matmul_precision=bfloat16)',
+    )
     parser.add_argument('--out', default='', help='write the JSON here')
     return parser.parse_args(argv)
 
@@ -85,7 +91,9 @@ def matmul_rate(torch, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / min(times)
 
 
-def time_steps(torch, model, batch: int, config: dict, *, steps: int, warmup: int) -> list:
+def time_steps(
+    torch, model, batch: int, config: dict, *, steps: int, warmup: int, amp_bf16: bool = False
+) -> list:
     from open_clip import ClipLoss
 
     img, txt = config['model']['image'], config['model']['text']
@@ -106,8 +114,9 @@ def time_steps(torch, model, batch: int, config: dict, *, steps: int, warmup: in
     for i in range(warmup + steps):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        image_features, text_features, logit_scale = model(images, texts)
-        loss = loss_fn(image_features, text_features, logit_scale)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp_bf16):
+            image_features, text_features, logit_scale = model(images, texts)
+            loss = loss_fn(image_features, text_features, logit_scale)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim['clip_norm'])
         optimizer.step()
@@ -137,6 +146,10 @@ def main(argv=None):
     results = {
         'eager': time_steps(torch, model, batch, config, steps=args.steps, warmup=args.warmup)
     }
+    if args.amp_bf16:
+        results['eager_amp_bf16'] = time_steps(
+            torch, model, batch, config, steps=args.steps, warmup=args.warmup, amp_bf16=True
+        )
     if args.compile:
         compiled = torch.compile(model)
         results['compiled'] = time_steps(
