@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
@@ -33,16 +32,6 @@ from pretrain import flops
 from pretrain.models import layers
 
 SHAPES = [(8192, 192, 768), (8192, 768, 192), (8192, 192, 576), (8192, 192, 192)]
-
-
-def best_time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    best = float('inf')
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def bf16_dot(x, w):
@@ -69,8 +58,8 @@ def measure(n: int, d: int, f: int, repeats: int) -> dict:
         with jax.default_matmul_precision(precision):
             fwd = jax.jit(mm)
             train = jax.jit(jax.grad(lambda x, w, mm=mm: jnp.vdot(mm(x, w), dy), argnums=(0, 1)))
-            t_fwd = best_time(fwd, x, w, repeats=repeats)
-            t_train = best_time(train, x, w, repeats=repeats)
+            t_fwd = flops.best_time(fwd, x, w, repeats=repeats)
+            t_train = flops.best_time(train, x, w, repeats=repeats)
         out[name] = {
             'forward_s': t_fwd,
             'forward_gflops': 2 * n * d * f / t_fwd / 1e9,

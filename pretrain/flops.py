@@ -113,14 +113,19 @@ def measured_matmul_flops(n: int = 2048, repeats: int = 5, operand_dtype=np.floa
     mm = jax.jit(
         lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32), out_shardings=rows
     )
-    best = float('inf')
     with jax.set_mesh(mesh):  # this host's devices, whatever mesh the caller has set
-        mm(a, b).block_until_ready()
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            mm(a, b).block_until_ready()
-            best = min(best, time.perf_counter() - t0)
-    return 2 * m * n * n / best
+        return 2 * m * n * n / best_time(mm, a, b, repeats=repeats)
+
+
+def best_time(fn, *args, repeats: int) -> float:
+    """The fastest of `repeats` calls of fn(*args) in seconds, after one untimed call."""
+    jax.block_until_ready(fn(*args))
+    best = float('inf')
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def peak_flops_per_device(device=None, matmul_precision: str = 'default') -> tuple[float, str]:
