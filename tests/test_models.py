@@ -60,16 +60,21 @@ def np_params(module):
 
 @pytest.mark.parametrize('attention', ['auto', 'xla'])
 @pytest.mark.parametrize('causal', [False, True])
-def test_block_matches_numpy(causal, attention):
+@pytest.mark.parametrize('precision', ['default', 'bfloat16'])
+def test_block_matches_numpy(causal, attention, precision):
+    # Under 'bfloat16' the CPU path computes q, k and v as three matmuls (Attention): the
+    # same function, with bf16-rounded matmul operands (~1e-2 here).
     block = layers.Block(16, 4, 4.0, rngs=nnx.Rngs(0), attention=attention)
     # Non-trivial norms and biases so every parameter matters.
     for path, v in nnx.iter_graph(block):
         if isinstance(v, nnx.Param):
             v[...] = v[...] + 0.1 * jax.random.normal(jax.random.key(len(path)), v.shape)
     x = np.random.default_rng(0).normal(size=(2, 5, 16)).astype(np.float32)
-    got = block(jnp.asarray(x), is_causal=causal)
+    with jax.default_matmul_precision(precision):
+        got = block(jnp.asarray(x), is_causal=causal)
     want = np_block(x.astype(np.float64), np_params(block), 4, causal)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+    tol = 5e-2 if precision == 'bfloat16' and jax.default_backend() == 'cpu' else 1e-4
+    np.testing.assert_allclose(np.asarray(got), want, rtol=tol, atol=tol)
 
 
 def np_patch_embed(img, p, pos):
@@ -485,12 +490,12 @@ def test_dense_split_matches_slices_of_its_output():
 @pytest.mark.parametrize('causal', [False, True])
 def test_attention_in_batch_chunks_matches_whole_batch(causal):
     # Attention on CPU runs in batch chunks (layers.Attention); padding masks are per example.
-    qkv = jax.random.normal(jax.random.key(0), (4, 5, 3, 2, 8))
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 4, 5, 2, 8))
     valid = jnp.arange(5)[None, :] < jnp.array([5, 3, 1, 4])[:, None]
     pairs = valid[:, None, :, None] & valid[:, None, None, :]
     mask = None if causal else pairs | jnp.eye(5, dtype=bool)
-    whole = layers.attention_heads_first(qkv, mask=mask, is_causal=causal)
-    chunked = layers.attention_heads_first(qkv, mask=mask, is_causal=causal, chunks=2)
+    whole = layers.attention_heads_first(q, k, v, mask=mask, is_causal=causal)
+    chunked = layers.attention_heads_first(q, k, v, mask=mask, is_causal=causal, chunks=2)
     np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
