@@ -230,8 +230,9 @@ class LayerNorm(nnx.Module):
         return (self.normalize(x) * self.scale[...] + self.bias[...]).astype(self.dtype)
 
 
-def attention_heads_first(q_bthk, k_bthk, v_bthk, *, mask=None, is_causal: bool = False,
-                          chunks: int = 1):
+def attention_heads_first(
+    q_bthk, k_bthk, v_bthk, *, mask=None, is_causal: bool = False, chunks: int = 1
+):
     """Softmax attention with heads before tokens, as plain einsums (the CPU path).
 
     On CPU, `jax.nn.dot_product_attention`'s (B, T, H, K) layout makes XLA's small batched
@@ -364,31 +365,28 @@ class Attention(nnx.Module):
         cudnn = self.runs_cudnn(mask)
         if kv_length is not None and not cudnn:
             raise ValueError('kv_length (padded tokens) is for the cuDNN attention path only')
-        if self.implementation == 'auto' and jax.default_backend() == 'cpu':
+        heads_first_cpu = self.implementation == 'auto' and jax.default_backend() == 'cpu'
+        if heads_first_cpu and not bf16_matmul_operands():
+            # f32 on CPU: one (N, 3d) matmul; as three, the ViT-Ti step was 4% slower.
+            qkv = self.qkv(x_btd, norm=norm).reshape(b, t, 3, self.heads, d // self.heads)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            # q, k and v as three matmuls, each into its own buffer. Slicing one (B, T, 3, H,
+            # K) output copied all three for cuDNN, and the backward concatenated their
+            # gradients (11 of 175 kernel-ms per CLIP B/16 step on the H100); three matmuls:
+            # step 0.183 -> 0.179 s. With bf16 operands on CPU each gradient then goes to its
+            # own bf16 dot: ViT-Ti step 0.921 / 0.899 -> 0.880 / 0.852 s, DreamLIP tiny 0.48
+            # -> 0.44 s, alternated (benchmarks/README.md).
+            heads = lambda y: y.reshape(b, t, self.heads, d // self.heads)
+            q, k, v = map(heads, self.qkv.split(x_btd, 3, norm=norm))
+        if heads_first_cpu:
             # 8 batch chunks keep each chunk's (B/8, H, T, T) scores (0.8 MB for ViT-Ti) in
             # L2 and give XLA independent ops: ViT-Ti CLIP step -3% on one core
             # (benchmarks/README.md). Only on one device: slicing a batch sharded over
             # devices would move rows between them.
             chunks = 8 if jax.device_count() == 1 else 1
-            # With bf16 matmul operands, q, k and v as three matmuls, as on GPU: the
-            # backward then feeds each gradient to its own bf16 dot instead of concatenating
-            # three heads-first gradients first. ViT-Ti CLIP step 0.921 / 0.899 -> 0.880 /
-            # 0.852 s, DreamLIP tiny 0.48 -> 0.44 s (alternated). In f32 the one (N, 3d)
-            # matmul stays: split, the ViT-Ti step was 4% slower (benchmarks/README.md).
-            heads = lambda y: y.reshape(b, t, self.heads, d // self.heads)
-            if bf16_matmul_operands():
-                q, k, v = map(heads, self.qkv.split(x_btd, 3, norm=norm))
-            else:
-                qkv = self.qkv(x_btd, norm=norm).reshape(b, t, 3, self.heads, d // self.heads)
-                q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
             y = attention_heads_first(q, k, v, mask=mask, is_causal=is_causal, chunks=chunks)
             return self.out(y)
-        # q, k and v as three matmuls, each into its own buffer. Slicing one (B, T, 3, H, K)
-        # output copied all three for cuDNN, and the backward concatenated their gradients
-        # (11 of 175 kernel-ms per CLIP B/16 step on the H100); three matmuls: step 0.183 ->
-        # 0.179 s (benchmarks/README.md).
-        heads = lambda y: y.reshape(b, t, self.heads, d // self.heads)
-        q, k, v = map(heads, self.qkv.split(x_btd, 3, norm=norm))
         if cudnn:
             impl = 'cudnn' if self.implementation == 'auto' else self.implementation
             y_bthk = attention_even_length(
