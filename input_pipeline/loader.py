@@ -36,12 +36,14 @@ state, resume and the bad-record counts are the same either way: a batch is a
 fixed function of its index, and the counting happens here, on consumption.
 Workers are spawned (never forked: JAX's threads do not survive a fork), so
 the source and transforms must pickle; each worker holds its own copy of the
-source, and every batch is copied back to this process (4.8 MB at 32 x 224^2).
+source, and hands every batch's arrays back in shared memory (/dev/shm: 4.8 MB a
+batch at 32 x 224^2, `prefetch` batches per worker in flight; containers need a
+/dev/shm larger than Docker's 64 MB default, see launch/gke_jobset.yaml).
 Measured on the shared 2-core development machine (load average ~8 from other
 work, so only relative and noisy; batches of 32, 500x375 JPEGs -> 224, median
-of 4 interleaved rounds): 1 thread 338 images/s, 2 threads 346, 1 worker
-process 218, 2 workers 254. With no idle core there, processes only add the
-copy, so 0 (threads only) is the default for JPEG data; `-1` means one worker per
+of 4 interleaved rounds; batches were then pickled through a pipe): 1 thread 338
+images/s, 2 threads 346, 1 worker process 218, 2 workers 254. With no idle core
+there, processes only add the copy, so 0 (threads only) is the default for JPEG data; `-1` means one worker per
 core, at most 32 (the default for the shapes renderer, which is pure Python).
 
 Randomness. Random transforms (transforms.RandomTransform: sub-caption
@@ -63,11 +65,10 @@ judged as "100% bad". Counters are per process and start at zero in each run.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import numpy as np
@@ -94,8 +95,13 @@ def batch_collate(records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
     return {k: np.stack([np.asarray(r[k]) for r in records]) for k in keys}
 
 
-@dataclasses.dataclass
-class _Batch:
+class _Batch(NamedTuple):
+    # A NamedTuple, not a dataclass: grain's worker processes hand a batch's arrays over in
+    # shared memory only where they are leaves of a structure it can traverse. A dataclass
+    # is one opaque leaf, pickled whole through the result pipe (1.6 MB per shapes batch),
+    # and a worker that had one such put pending when the loader closed could not exit: its
+    # queue's feeder thread blocked on the full pipe, and close() waited out grain's 25 s
+    # join timeout per worker.
     arrays: dict[str, np.ndarray]
     bad: list[tuple[int, str]]  # (source index, error) of the replaced records
     seen: int  # records read, good and bad

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -191,6 +192,25 @@ def test_worker_processes_give_the_same_stream_state_and_bad_counts():
         _assert_batches_equal(_take(workers, len(want) - k), want[k:])
         assert (workers.skipped, workers.seen) == (plain.skipped, plain.seen)
     assert plain.skipped > 0
+
+
+def test_worker_loader_closes_without_waiting_out_grains_join_timeout():
+    # Batches far larger than a pipe's 64 KB buffer (128 x 64^2 x 3 images: 1.6 MB), with
+    # the workers' buffers full when close() comes. When a batch went through the result
+    # pipe pickled whole, a worker blocked on its pending put could not exit, and close()
+    # waited out grain's 25 s join timeout per worker (50 s in 4 of 4 tries like these).
+    def loader(**kw):
+        source = ShapesSource(image_size=64, num_records=4096)
+        return make_loader(source, _transforms(), global_batch_size=128, seed=0, **kw)
+
+    want, workers = _take(loader(), 20), loader(num_workers=2)
+    for attempt in range(2):
+        _assert_batches_equal(_take(workers, 10), want[10 * attempt : 10 * (attempt + 1)])
+        time.sleep(1.0)  # the workers fill their buffers and block on the next put
+        start = time.monotonic()
+        workers.close()  # the next _take restarts the workers where the stream stopped
+        seconds = time.monotonic() - start
+        assert seconds < 10, f"close() took {seconds:.1f} s (grain's join timeout is 25 s)"
 
 
 def _counts_after(bad, k):
