@@ -273,6 +273,11 @@ class Loader:
         batch = next(self._iterator)
         self._count_bad(batch)
         self._next_batch += 1
+        if self.num_workers:
+            # Out of the workers' shared memory into this process's own: a batch placed on
+            # the mesh ahead of the step may still be alive at exit, and its shared memory
+            # segment would be reported as leaked then. The segment is freed right here.
+            return {k: np.array(v) for k, v in batch.arrays.items()}
         return batch.arrays
 
     def _count_bad(self, batch: _Batch) -> None:
