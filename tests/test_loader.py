@@ -2,6 +2,9 @@
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -211,6 +214,30 @@ def test_worker_loader_closes_without_waiting_out_grains_join_timeout():
         workers.close()  # the next _take restarts the workers where the stream stopped
         seconds = time.monotonic() - start
         assert seconds < 10, f"close() took {seconds:.1f} s (grain's join timeout is 25 s)"
+
+
+_HOLD_BATCHES_AT_EXIT = """
+from input_pipeline.loader import make_loader
+from input_pipeline.sources.shapes import ShapesSource
+from input_pipeline import transforms
+from input_pipeline.tokenizers import ByteTokenizer
+if __name__ == "__main__":
+    steps = [transforms.Tokenize("caption", ByteTokenizer(32)), transforms.SelectFields(["text"])]
+    source = ShapesSource(image_size=16, num_records=64)
+    loader = make_loader(source, steps, global_batch_size=8, seed=0, num_workers=2)
+    held = [next(loader) for _ in range(3)]  # as the trainer's device prefetch holds batches
+    loader.close()
+"""
+
+
+def test_worker_batches_alive_at_exit_leak_no_shared_memory(tmp_path):
+    script = tmp_path / "hold.py"
+    script.write_text(_HOLD_BATCHES_AT_EXIT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "leaked" not in done.stderr, done.stderr
 
 
 def _counts_after(bad, k):
