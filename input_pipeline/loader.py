@@ -43,8 +43,9 @@ Measured on the shared 2-core development machine (load average ~8 from other
 work, so only relative and noisy; batches of 32, 500x375 JPEGs -> 224, median
 of 4 interleaved rounds; batches were then pickled through a pipe): 1 thread 338
 images/s, 2 threads 346, 1 worker process 218, 2 workers 254. With no idle core
-there, processes only add the copy, so 0 (threads only) is the default for JPEG data; `-1` means one worker per
-core, at most 32 (the default for the shapes renderer, which is pure Python).
+there, processes only add the copy, so 0 (threads only) is the default for JPEG
+data; `-1` means one worker per core, at most 32 (the default for the shapes
+renderer, which is pure Python).
 
 Randomness. Random transforms (transforms.RandomTransform: sub-caption
 sampling, caption choice) get a Generator seeded from (seed, epoch, source
