@@ -223,45 +223,52 @@ def run(config, workdir: str) -> dict:
         pending = None  # device metrics of the previous step, checked one step late
         t_start, step = time.perf_counter(), start
         status = 'completed' if start < total else 'already complete'
-        for step in range(start + 1, total + 1):
-            if profiling and step == p0:
-                jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-                tracing = True
-            with throughput.waiting_for_data():
-                batch = next(data)
-            state, device_metrics = train_step(state, batch)
-            watcher.watch(throughput.dispatched(), device_metrics)
-            stopping = agreement.poll()  # the same answer on every process
-            if tracing and step == p0 + pn:
-                jax.profiler.stop_trace()
-                tracing = False
-            if step == start + 1:  # throughput excludes compilation
-                jax.block_until_ready(device_metrics)
-                throughput(step)
-            # Reading the previous step's metrics overlaps it with this step's compute: the
-            # host never waits for the step it just dispatched, yet a NaN is caught one step
-            # late at most, and always before a checkpoint of it is written.
+        try:
+            for step in range(start + 1, total + 1):
+                if profiling and step == p0:
+                    jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+                    tracing = True
+                with throughput.waiting_for_data():
+                    batch = next(data)
+                state, device_metrics = train_step(state, batch)
+                watcher.watch(throughput.dispatched(), device_metrics)
+                stopping = agreement.poll()  # the same answer on every process
+                if tracing and step == p0 + pn:
+                    jax.profiler.stop_trace()
+                    tracing = False
+                if step == start + 1:  # throughput excludes compilation
+                    jax.block_until_ready(device_metrics)
+                    throughput(step)
+                # Reading the previous step's metrics overlaps it with this step's compute: the
+                # host never waits for the step it just dispatched, yet a NaN is caught one step
+                # late at most, and always before a checkpoint of it is written.
+                if pending is not None:
+                    _check(*pending, last_good, ckpt)
+                pending = (step, device_metrics)
+                bar.update(1)
+                due = [h for h in hooks if h.due(step, total)]
+                if due or stopping:
+                    _check(*pending, last_good, ckpt)
+                    last_metrics = jax.device_get(device_metrics)
+                    pending = None
+                    row = {}
+                    for hook in due:
+                        row.update(hook.fn(step) or {})
+                    if row:  # one metrics row per step, whichever hooks ran
+                        writer.write(step, row)
+                if stopping:
+                    if not any(h.name == 'checkpoint' for h in due):
+                        save(step)
+                    status = f'stopped by signal {stopping}'
+                    break
             if pending is not None:
                 _check(*pending, last_good, ckpt)
-            pending = (step, device_metrics)
-            bar.update(1)
-            due = [h for h in hooks if h.due(step, total)]
-            if due or stopping:
-                _check(*pending, last_good, ckpt)
-                last_metrics = jax.device_get(device_metrics)
-                pending = None
-                row = {}
-                for hook in due:
-                    row.update(hook.fn(step) or {})
-                if row:  # one metrics row per step, whichever hooks ran
-                    writer.write(step, row)
-            if stopping:
-                if not any(h.name == 'checkpoint' for h in due):
-                    save(step)
-                status = f'stopped by signal {stopping}'
-                break
-        if pending is not None:
-            _check(*pending, last_good, ckpt)
+        except BaseException:
+            # The input side first (its thread reads from the loader), then the loader: its
+            # worker processes and the batches they hold in shared memory go with it.
+            data.close()
+            loader.close()
+            raise
         if tracing:  # the run ended inside the profiled window
             jax.profiler.stop_trace()
         bar.close()
