@@ -263,19 +263,17 @@ def run(config, workdir: str) -> dict:
                     break
             if pending is not None:
                 _check(*pending, last_good, ckpt)
-        except BaseException:
-            # The input side first (its thread reads from the loader), then the loader: its
-            # worker processes and the batches they hold in shared memory go with it.
+        finally:
+            # On every exit, an exception's included: the input side first (its thread reads
+            # from the loader), then the loader, whose worker processes and the batches they
+            # hold in shared memory go with it.
             data.close()
             loader.close()
-            raise
         if tracing:  # the run ended inside the profiled window
             jax.profiler.stop_trace()
         bar.close()
 
     watcher.close()
-    data.close()
-    loader.close()
     ckpt.close()
     writer.close()
     stop.restore()

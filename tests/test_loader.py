@@ -2,9 +2,6 @@
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -230,13 +227,8 @@ if __name__ == "__main__":
 """
 
 
-def test_worker_batches_alive_at_exit_leak_no_shared_memory(tmp_path):
-    script = tmp_path / "hold.py"
-    script.write_text(_HOLD_BATCHES_AT_EXIT)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+def test_worker_batches_alive_at_exit_leak_no_shared_memory(python):
+    done = python(["-c", _HOLD_BATCHES_AT_EXIT])  # raises on a non-zero exit
     assert "leaked" not in done.stderr, done.stderr
 
 
