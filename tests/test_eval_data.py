@@ -60,7 +60,8 @@ class CodeModel(nnx.Module):
         b, h, w = x.shape
         p = self.image.patch
         patches = x.reshape(b, h // p, p, w // p, p).mean((2, 4)).reshape(b, -1)
-        return self._code(x.mean((1, 2))), {'img/tokens': self._code(patches)}
+        code = self._code(x.mean((1, 2)))  # aux as ImageTextModel's: evaluators read pooled
+        return code, {'img/pooled': code, 'img/tokens': self._code(patches)}
 
     def image_proj(self, tokens):
         return tokens

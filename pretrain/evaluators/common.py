@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -55,27 +56,17 @@ class Predictor:
     """`fn(model, *consts, *rows) -> pytree of arrays`, jitted and run over host arrays in batches.
 
     `consts` go to every device whole (e.g. class text embeddings); `rows` are cut into
-    batches along their first axis. See the module docstring for placement.
+    batches along their first axis. See the module docstring for placement. Predictors of
+    the same module-level `fn` share one jitted function (`jitted_apply`).
     """
 
     def __init__(self, fn: Callable, *, batch_size: int):
         self.fn, self.batch_size = fn, int(batch_size)
-        self._jitted: dict = {}  # mesh -> jitted function; the graphdef is a static argument
-
-    def _compiled(self, mesh):
-        if mesh not in self._jitted:
-
-            def apply(graphdef, state, consts, rows):
-                return self.fn(nnx.merge(graphdef, state), *consts, *rows)
-
-            kwargs = {} if mesh.empty else {'out_shardings': sharding.replicated(mesh)}
-            self._jitted[mesh] = jax.jit(apply, static_argnums=0, **kwargs)
-        return self._jitted[mesh]
 
     def batches(self, model, rows: Sequence[np.ndarray], consts: Sequence = ()) -> Iterator:
         """Yields the host (numpy) outputs batch by batch, padding rows removed."""
         mesh = jax.sharding.get_mesh()
-        jitted = self._compiled(mesh)
+        jitted = jitted_apply(self.fn, mesh)
         shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
         size = -(-self.batch_size // shards) * shards
         graphdef, state = nnx.split(model)
@@ -104,6 +95,22 @@ class Predictor:
         if not outs:
             raise ValueError('Predictor called with no rows')
         return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+
+@functools.lru_cache(maxsize=32)
+def jitted_apply(fn: Callable, mesh):
+    """`fn` jitted as a Predictor runs it, one per (fn, mesh): the zeroshot, retrieval and
+    dense evaluators all encode images or texts of the same shapes with `zeroshot.encode_*`,
+    and with a jitted function each the first evaluation compiled the image tower twice
+    and the text tower three times (`pretrain.evaluate` on the quick start's run: 7
+    compilations, now 4). Bounded, as closures (one per evaluator built) are keys too.
+    """
+
+    def apply(graphdef, state, consts, rows):  # the graphdef is a static argument
+        return fn(nnx.merge(graphdef, state), *consts, *rows)
+
+    kwargs = {} if mesh.empty else {'out_shardings': sharding.replicated(mesh)}
+    return jax.jit(apply, static_argnums=0, **kwargs)
 
 
 def _pad(x: np.ndarray, size: int) -> np.ndarray:

@@ -14,11 +14,11 @@ and test from the test split.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
 from input_pipeline.sources import shapes
 from pretrain.evaluators import common
+from pretrain.evaluators.zeroshot import encode_images
 
 FEATURES = ('pooled', 'embedding')
 LABELS = {
@@ -90,13 +90,7 @@ class LinearProbe:
             )
         if config.source == 'shapes' and config.label not in LABELS:
             raise ValueError(f"evals.{name}.label '{config.label}'; valid: {', '.join(LABELS)}")
-        pooled = config.feature == 'pooled'
-
-        def features(model, images):
-            z, aux = model.encode_image(images)
-            return aux['img/pooled'].astype(jnp.float32) if pooled else z
-
-        self._features = common.Predictor(features, batch_size=config.batch_size)
+        self._images = common.Predictor(encode_images, batch_size=config.batch_size)
         self._data = None
 
     def _load(self):
@@ -111,7 +105,8 @@ class LinearProbe:
         if self._data is None:
             self._data = self._load()
         images, labels, cuts, num_classes = self._data
-        feats = self._features(model, [images])
+        embeddings, pooled = self._images(model, [images])
+        feats = pooled if self.config.feature == 'pooled' else embeddings
         splits = [tuple(np.split(a, cuts)[i] for a in (feats, labels)) for i in range(3)]
         out = ridge_probe(*splits, num_classes=num_classes, lambdas=self.config.lambdas)
         for key, value in out.items():

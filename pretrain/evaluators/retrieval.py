@@ -116,7 +116,7 @@ class Retrieval:
             self._data = self._load()
         images, tokens, txt_image, image_group = self._data
         metrics = recall_at_k(
-            self._images(model, [images]),
+            self._images(model, [images])[0],
             self._texts(model, [tokens]),
             txt_image,
             ks=tuple(self.config.ks),

@@ -16,6 +16,7 @@ Real images are decoded batch by batch, resized (short side) and centre-cropped
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 from input_pipeline import pipeline
@@ -43,7 +44,11 @@ def topk_accuracy(scores_nc: np.ndarray, labels_n: np.ndarray, k: int) -> float:
 
 
 def encode_images(model, images):
-    return model.encode_image(images)[0]
+    """Each image's embedding and its pooled tower output (f32). One function for the
+    zeroshot, retrieval and linear-probe evaluators, so the image tower compiles once for
+    all three (`common.jitted_apply`)."""
+    z, aux = model.encode_image(images)
+    return z, aux['img/pooled'].astype(jnp.float32)
 
 
 def encode_texts(model, tokens):
@@ -103,7 +108,7 @@ class ZeroShot:
         if self._data is None:
             self._data = self._load()
         images, tasks = self._data
-        z_img = self._images(model, [images])
+        z_img, _ = self._images(model, [images])
         for task, (labels, tokens, num_classes) in tasks.items():
             scores = z_img @ class_embeddings(self._texts, model, tokens, num_classes).T
             prefix = '' if task == 'class' else f'{task}_'
