@@ -9,7 +9,8 @@ with `jax.make_array_from_callback`, so every device gets exactly its rows of a 
 over the mesh's batch axes (data, fsdp), whatever the process layout; the outputs are
 constrained to be replicated, so every process reads the full result back. The eval batch
 size is rounded up to a multiple of the batch-shard count and the last batch is padded (the
-padded rows are dropped on the host), so one shape compiles once per evaluator, not per run.
+padded rows are dropped on the host), so a predicted function compiles once per shape, not
+per eval run, and evaluators that call the same one share it (`jitted_apply`).
 With no mesh active (a bare model in a notebook) batches go to the default device.
 """
 
