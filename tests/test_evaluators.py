@@ -103,7 +103,9 @@ def test_recall_at_k_counts_identical_captions_of_other_images_as_right():
     group = rt.caption_groups([('a',), ('b',), ('a',)] + [(str(i),) for i in range(3, n)])
     assert group.tolist()[:4] == [0, 1, 0, 2]
     for chunk in (1, 4, 100):
-        out = rt.recall_at_k(img, txt, np.arange(n), ks=(1, 3), chunk_size=chunk, image_group_n=group)
+        out = rt.recall_at_k(
+            img, txt, np.arange(n), ks=(1, 3), chunk_size=chunk, image_group_n=group
+        )
         sims = img @ txt.T
         for k in (1, 3):
             # Brute force: a hit if any text (image) of the query's group is in the top k.
@@ -112,12 +114,11 @@ def test_recall_at_k_counts_identical_captions_of_other_images_as_right():
             assert out[f'i2t_r{k}'] == pytest.approx(np.mean(i2t))
             assert out[f't2i_r{k}'] == pytest.approx(np.mean(t2i))
     # Without groups the twins' captions tie and count against each other.
-    strict = rt.recall_at_k(np.eye(3), np.array([[1.0, 0, 0], [0, 1, 0], [1, 0, 0]]), np.arange(3), ks=(1,))
+    txt = np.array([[1.0, 0, 0], [0, 1, 0], [1, 0, 0]])
+    strict = rt.recall_at_k(np.eye(3), txt, np.arange(3), ks=(1,))
     assert strict['i2t_r1'] == pytest.approx(1 / 3)
-    grouped = rt.recall_at_k(
-        np.eye(3), np.array([[1.0, 0, 0], [0, 1, 0], [1, 0, 0]]), np.arange(3), ks=(1,),
-        image_group_n=rt.caption_groups([('x',), ('y',), ('x',)]),
-    )
+    twins = rt.caption_groups([('x',), ('y',), ('x',)])
+    grouped = rt.recall_at_k(np.eye(3), txt, np.arange(3), ks=(1,), image_group_n=twins)
     assert grouped['i2t_r1'] == pytest.approx(2 / 3)  # image 2 (axis 2) matches no text
 
 
