@@ -299,6 +299,24 @@ def test_prompts_fill_templates_with_articles():
     ]
 
 
+def test_predictor_pads_batches_shares_its_jit_and_fetches_the_picked_output():
+    class Scale(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.float32(2.0))
+
+    def both(model, x):
+        return x, x * model.w[...]
+
+    rows = np.arange(10, dtype=np.float32)[:, None]  # 3 batches of 4, the last one padded
+    whole = common.Predictor(both, batch_size=4)(Scale(), [rows])
+    picked = common.Predictor(both, batch_size=4, pick=1)(Scale(), [rows])
+    np.testing.assert_array_equal(whole[0], rows)
+    np.testing.assert_array_equal(whole[1], 2 * rows)
+    np.testing.assert_array_equal(picked, 2 * rows)
+    # Both predictors ran one jitted function, compiled once for the one batch shape.
+    assert common.jitted_apply(both, jax.sharding.get_mesh())._cache_size() == 1
+
+
 def test_build_evaluators_from_the_tiny_clip_config():
     config = clip.get_config('tiny')
     evaluators = build_evaluators(config)

@@ -58,11 +58,12 @@ class Predictor:
 
     `consts` go to every device whole (e.g. class text embeddings); `rows` are cut into
     batches along their first axis. See the module docstring for placement. Predictors of
-    the same module-level `fn` share one jitted function (`jitted_apply`).
+    the same module-level `fn` share one jitted function (`jitted_apply`); `pick` (an index
+    or key) fetches only that output of `fn` to the host.
     """
 
-    def __init__(self, fn: Callable, *, batch_size: int):
-        self.fn, self.batch_size = fn, int(batch_size)
+    def __init__(self, fn: Callable, *, batch_size: int, pick=None):
+        self.fn, self.batch_size, self.pick = fn, int(batch_size), pick
 
     def batches(self, model, rows: Sequence[np.ndarray], consts: Sequence = ()) -> Iterator:
         """Yields the host (numpy) outputs batch by batch, padding rows removed."""
@@ -82,7 +83,8 @@ class Predictor:
                 )
                 for r in rows
             )
-            out = jitted(graphdef, state, consts, batch), valid
+            out = jitted(graphdef, state, consts, batch)
+            out = (out if self.pick is None else out[self.pick]), valid
             # Fetch the previous batch only after dispatching this one: host and device overlap.
             if pending is not None:
                 yield _fetch(*pending)
@@ -100,11 +102,12 @@ class Predictor:
 
 @functools.lru_cache(maxsize=32)
 def jitted_apply(fn: Callable, mesh):
-    """`fn` jitted as a Predictor runs it, one per (fn, mesh): the zeroshot, retrieval and
-    dense evaluators all encode images or texts of the same shapes with `zeroshot.encode_*`,
-    and with a jitted function each the first evaluation compiled the image tower twice
-    and the text tower three times (`pretrain.evaluate` on the quick start's run: 7
-    compilations, now 4). Bounded, as closures (one per evaluator built) are keys too.
+    """`fn` jitted as a Predictor runs it, one per (fn, mesh). The zeroshot, retrieval and
+    probe evaluators encode images, and zeroshot, retrieval and dense texts, of the same
+    shapes with `zeroshot.encode_*`; with a jitted function per evaluator the first
+    evaluation compiled the image tower three times and the text tower three times
+    (`pretrain.evaluate` on the quick start's run: 7 compilations, now 3). Bounded, as
+    closures (one per evaluator built) are keys too.
     """
 
     def apply(graphdef, state, consts, rows):  # the graphdef is a static argument

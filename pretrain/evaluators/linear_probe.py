@@ -90,7 +90,8 @@ class LinearProbe:
             )
         if config.source == 'shapes' and config.label not in LABELS:
             raise ValueError(f"evals.{name}.label '{config.label}'; valid: {', '.join(LABELS)}")
-        self._images = common.Predictor(encode_images, batch_size=config.batch_size)
+        pick = 1 if config.feature == 'pooled' else 0  # encode_images: (embedding, pooled)
+        self._images = common.Predictor(encode_images, batch_size=config.batch_size, pick=pick)
         self._data = None
 
     def _load(self):
@@ -105,8 +106,7 @@ class LinearProbe:
         if self._data is None:
             self._data = self._load()
         images, labels, cuts, num_classes = self._data
-        embeddings, pooled = self._images(model, [images])
-        feats = pooled if self.config.feature == 'pooled' else embeddings
+        feats = self._images(model, [images])
         splits = [tuple(np.split(a, cuts)[i] for a in (feats, labels)) for i in range(3)]
         out = ridge_probe(*splits, num_classes=num_classes, lambdas=self.config.lambdas)
         for key, value in out.items():

@@ -94,7 +94,7 @@ class Retrieval:
         self.config, self.name = config, name
         if config.source == 'shapes' and not config.caption_fields:
             raise ValueError(f'evals.{name}.caption_fields is empty')
-        self._images = common.Predictor(encode_images, batch_size=config.batch_size)
+        self._images = common.Predictor(encode_images, batch_size=config.batch_size, pick=0)
         self._texts = common.Predictor(encode_texts, batch_size=config.batch_size)
         self._data = None
 
@@ -116,7 +116,7 @@ class Retrieval:
             self._data = self._load()
         images, tokens, txt_image, image_group = self._data
         metrics = recall_at_k(
-            self._images(model, [images])[0],
+            self._images(model, [images]),
             self._texts(model, [tokens]),
             txt_image,
             ks=tuple(self.config.ks),

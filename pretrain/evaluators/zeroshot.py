@@ -46,7 +46,7 @@ def topk_accuracy(scores_nc: np.ndarray, labels_n: np.ndarray, k: int) -> float:
 def encode_images(model, images):
     """Each image's embedding and its pooled tower output (f32). One function for the
     zeroshot, retrieval and linear-probe evaluators, so the image tower compiles once for
-    all three (`common.jitted_apply`)."""
+    all three (`common.jitted_apply`); each fetches the output it reads (`pick`)."""
     z, aux = model.encode_image(images)
     return z, aux['img/pooled'].astype(jnp.float32)
 
@@ -81,7 +81,7 @@ class ZeroShot:
                 raise ValueError(
                     f'evals.{name}.tasks: unknown {unknown}; valid: ' f"{', '.join(SHAPES_TASKS)}"
                 )
-        self._images = common.Predictor(encode_images, batch_size=config.batch_size)
+        self._images = common.Predictor(encode_images, batch_size=config.batch_size, pick=0)
         self._texts = common.Predictor(encode_texts, batch_size=config.batch_size)
         self._data = None  # loaded at the first run, then kept
 
@@ -108,7 +108,7 @@ class ZeroShot:
         if self._data is None:
             self._data = self._load()
         images, tasks = self._data
-        z_img, _ = self._images(model, [images])
+        z_img = self._images(model, [images])
         for task, (labels, tokens, num_classes) in tasks.items():
             scores = z_img @ class_embeddings(self._texts, model, tokens, num_classes).T
             prefix = '' if task == 'class' else f'{task}_'
