@@ -271,20 +271,33 @@ def test_resume_logs_the_losses_of_an_uninterrupted_run(python, tmp_path):
         '--config.log_every=1',
         '--config.checkpoint.every=4',
     ]
+    # As a user runs it, with the persistent compilation cache on (conftest turns it off) in
+    # its default folder, here under XDG_CACHE_HOME; the tiny step compiles in under the 1 s
+    # that JAX caches by default. The reruns run the step the first run compiled.
+    cache = tmp_path / 'cache'
+    env = {
+        'JAX_ENABLE_COMPILATION_CACHE': 'true',
+        'XDG_CACHE_HOME': str(cache),
+        'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+        'JAX_LOG_COMPILES': '1',
+    }
     straight, resumed = str(tmp_path / 'a'), str(tmp_path / 'b')
-    python(MAIN + args + ['--workdir', straight])
-    python(MAIN + args + ['--workdir', resumed])
+    python(MAIN + args + ['--workdir', straight], env=env)
+    (folder,) = (cache / 'pretrain' / 'jax').iterdir()  # one per CPU type
+    assert any(f.name.startswith('jit_train_step-') for f in folder.iterdir())
+    python(MAIN + args + ['--workdir', resumed], env=env)
     # Rewind the second run to its step-4 checkpoint, as if it had died right after it.
     shutil.rmtree(os.path.join(resumed, 'checkpoints', '8'))
     os.remove(os.path.join(resumed, 'metrics.jsonl'))
-    proc = python(MAIN + args + ['--workdir', resumed])
+    proc = python(MAIN + args + ['--workdir', resumed], env=env)
+    assert "Persistent compilation cache hit for 'jit_train_step'" in proc.stderr
     want, got = losses(straight), losses(resumed)
     assert sorted(got) == [5, 6, 7, 8]
     for step in got:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
     assert 'completed: step 8/8, 4 steps' in proc.stdout
     # The same command again: nothing left to run, and nothing written.
-    proc = python(MAIN + args + ['--workdir', resumed])
+    proc = python(MAIN + args + ['--workdir', resumed], env=env)
     assert 'nothing to run: the checkpoint in' in proc.stdout and 'step 8 of 8' in proc.stdout
     assert losses(resumed) == got
 
@@ -384,6 +397,27 @@ def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(python, tmp_pat
     good = int(line.split('last good checkpoint: step ')[1].split()[0])
     saved = sorted(int(d) for d in os.listdir(os.path.join(wd, 'checkpoints')) if d.isdigit())
     assert saved[-1] == good
+
+
+def test_default_compilation_cache_keeps_the_folder_the_user_set(monkeypatch, tmp_path):
+    from pretrain import main
+
+    monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    main.set_default_compilation_cache()  # off (conftest): no folder
+    assert 'JAX_COMPILATION_CACHE_DIR' not in os.environ and not os.listdir(tmp_path)
+    monkeypatch.setenv('JAX_ENABLE_COMPILATION_CACHE', 'true')
+    main.set_default_compilation_cache()
+    folder = os.environ['JAX_COMPILATION_CACHE_DIR']
+    assert folder == str(tmp_path / 'pretrain' / 'jax' / main.host_cpu_tag()), folder
+    assert os.path.isdir(folder) and len(main.host_cpu_tag()) == 12
+    monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
+    monkeypatch.setenv('XDG_CACHE_HOME', '/proc/no_such_folder')  # cannot be made: no cache
+    main.set_default_compilation_cache()
+    assert 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+    monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/elsewhere')
+    main.set_default_compilation_cache()
+    assert os.environ['JAX_COMPILATION_CACHE_DIR'] == '/elsewhere'
 
 
 def test_default_xla_flags_keep_what_the_user_set(monkeypatch):
