@@ -399,7 +399,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(python, tmp_pat
     assert saved[-1] == good
 
 
-def test_default_compilation_cache_keeps_the_folder_the_user_set(monkeypatch, tmp_path):
+def test_compilation_cache_folder_is_per_cpu_type_unless_off_or_set(monkeypatch, tmp_path):
     from pretrain import main
 
     monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
