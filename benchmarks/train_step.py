@@ -643,7 +643,7 @@ if __name__ == '__main__':
     from pretrain import main as pretrain_main
 
     # Compile time is one of the figures: no persistent compilation cache (the product's
-    # default, pretrain.main.set_default_compilation_cache) to load the step from instead.
+    # default, pretrain.compilation_cache) to load the step from instead.
     os.environ['JAX_ENABLE_COMPILATION_CACHE'] = 'false'
     pretrain_main.prepare_process()  # the product's XLA flags and allocator (re-execs once)
     sys.exit(main())

@@ -14,14 +14,12 @@ Ctrl-C saves a checkpoint and exits 0. On several hosts the same command runs on
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import platform
 import sys
 import tempfile
 
-from pretrain import allocator
+from pretrain import allocator, compilation_cache
 
 # XLA flags for GPU runs, applied unless XLA_FLAGS already sets the same flag. XLA CPU parses
 # and ignores them. Measured on one H200, CLIP ViT-B/16 at 224, bf16, batch 512
@@ -40,58 +38,11 @@ def set_default_xla_flags():
         os.environ['XLA_FLAGS'] = ' '.join([flags, *extra]).strip()
 
 
-def host_cpu_tag() -> str:
-    """A short hash of this host's CPU model and feature flags (Linux /proc/cpuinfo)."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            lines = {line for line in f if line.startswith(('model name', 'flags'))}
-    except OSError:
-        lines = {platform.machine(), platform.processor()}
-    return hashlib.sha256(''.join(sorted(lines)).encode()).hexdigest()[:12]
-
-
-def default_compilation_cache_dir() -> str:
-    """~/.cache/pretrain/jax/<host_cpu_tag()>, or under $XDG_CACHE_HOME where that is set.
-
-    One folder per CPU type: JAX keys a CPU executable by the platform name 'cpu' alone, and
-    one compiled where AMX or AVX-512 exist must not load on a CPU without them (a home
-    folder shared by several machine types).
-    """
-    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-    return os.path.join(base, 'pretrain', 'jax', host_cpu_tag())
-
-
-def set_default_compilation_cache():
-    """Turns on JAX's persistent compilation cache in `default_compilation_cache_dir()`,
-    unless JAX_COMPILATION_CACHE_DIR names another folder (JAX_ENABLE_COMPILATION_CACHE=false
-    turns it off).
-
-    A rerun of a command (a resume after preemption, `pretrain.evaluate` on a run) then loads
-    the executables it compiled before. On a 2-core CPU the quick start's step compiles in
-    7-8 s and loads in 0.6 s, and 20 of its steps with an evaluation rerun in 27 s instead of
-    38-41 s; on GPU CLIP ViT-B/16 compiles in 27-53 s. JAX caches compilations that took
-    over a second (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS), keys them by the program,
-    compile options, XLA flags, device kind and jax/XLA versions, writes from process 0
-    only, and recompiles where an entry cannot be read. MaxText keeps one by default too.
-    The folder grows by one entry per new program; delete it at any time. Where the default
-    folder cannot be made (a read-only home), runs go without the cache.
-    """
-    off = os.environ.get('JAX_ENABLE_COMPILATION_CACHE', '').lower() in ('0', 'false', 'no')
-    if off or 'JAX_COMPILATION_CACHE_DIR' in os.environ:
-        return
-    folder = default_compilation_cache_dir()
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError:
-        return
-    os.environ['JAX_COMPILATION_CACHE_DIR'] = folder
-
-
 def prepare_process():
     """What every entry point does before importing jax: XLA flags, the compilation cache,
     then the allocator."""
     set_default_xla_flags()
-    set_default_compilation_cache()
+    compilation_cache.set_default()
     allocator.ensure_fast_malloc()
 
 

@@ -7,7 +7,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tests and the runs they start compile afresh and write nothing under ~/.cache: the
-# entry points' persistent compilation cache (pretrain.main) is off unless a test turns it on.
+# entry points' persistent compilation cache (pretrain/compilation_cache.py) is off unless a
+# test turns it on.
 os.environ['JAX_ENABLE_COMPILATION_CACHE'] = 'false'
 
 

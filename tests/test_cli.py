@@ -400,23 +400,23 @@ def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(python, tmp_pat
 
 
 def test_compilation_cache_folder_is_per_cpu_type_unless_off_or_set(monkeypatch, tmp_path):
-    from pretrain import main
+    from pretrain import compilation_cache
 
     monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
-    main.set_default_compilation_cache()  # off (conftest): no folder
+    compilation_cache.set_default()  # off (conftest): no folder
     assert 'JAX_COMPILATION_CACHE_DIR' not in os.environ and not os.listdir(tmp_path)
     monkeypatch.setenv('JAX_ENABLE_COMPILATION_CACHE', 'true')
-    main.set_default_compilation_cache()
-    folder = os.environ['JAX_COMPILATION_CACHE_DIR']
-    assert folder == str(tmp_path / 'pretrain' / 'jax' / main.host_cpu_tag()), folder
-    assert os.path.isdir(folder) and len(main.host_cpu_tag()) == 12
+    compilation_cache.set_default()
+    folder, tag = os.environ['JAX_COMPILATION_CACHE_DIR'], compilation_cache.host_cpu_tag()
+    assert folder == str(tmp_path / 'pretrain' / 'jax' / tag) and len(tag) == 12, folder
+    assert os.path.isdir(folder)
     monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
     monkeypatch.setenv('XDG_CACHE_HOME', '/proc/no_such_folder')  # cannot be made: no cache
-    main.set_default_compilation_cache()
+    compilation_cache.set_default()
     assert 'JAX_COMPILATION_CACHE_DIR' not in os.environ
     monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/elsewhere')
-    main.set_default_compilation_cache()
+    compilation_cache.set_default()
     assert os.environ['JAX_COMPILATION_CACHE_DIR'] == '/elsewhere'
 
 
