@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -254,7 +255,8 @@ class Loader:
             batches = batches.mp_prefetch(
                 grain.MultiprocessingOptions(
                     num_workers=self.num_workers, per_worker_buffer_size=self.prefetch
-                )
+                ),
+                worker_init_fn=_leave_stop_signals_to_the_trainer,
             )
         return iter(batches)
 
@@ -350,6 +352,20 @@ def _worker_count(num_workers: int) -> int:
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0 or -1 (one per CPU core), got {num_workers}")
     return int(num_workers)
+
+
+def _leave_stop_signals_to_the_trainer(worker_index: int, worker_count: int) -> None:
+    """In an input worker: ignore SIGINT and SIGTERM, which the trainer turns into a save
+    and then a `close()` of its workers (pretrain.checkpoint.StopSignal).
+
+    Ctrl-C in a terminal signals the whole process group, and a scheduler may signal every
+    process of a job (SLURM's scancel). A worker that died of it printed a KeyboardInterrupt
+    traceback, and its shared-memory batches were reported as leaked at exit. grain's
+    `close()` still stops a worker that does not stop in time, with SIGKILL.
+    """
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _allow_grain_workers() -> None:

@@ -8,6 +8,7 @@ Restoring takes the target shardings, so a run saved on one mesh restores onto a
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import pathlib
 import signal
@@ -174,7 +175,8 @@ class StopSignal:
     """Turns SIGTERM/SIGINT into a flag the loop polls, so it can save and exit cleanly.
 
     A second signal while stopping falls back to the default handler (e.g. a user pressing
-    Ctrl-C twice really wants out).
+    Ctrl-C twice really wants out), after killing this process's child processes: input
+    workers ignore stop signals (input_pipeline/loader.py) and would outlive it.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -189,6 +191,8 @@ class StopSignal:
     def _handle(self, signum, frame):
         del frame
         if self.received is not None:
+            for child in multiprocessing.active_children():
+                child.kill()
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         self.received = signum

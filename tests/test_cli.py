@@ -376,6 +376,38 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(python, tmp_path):
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
 
 
+def test_ctrl_c_in_a_terminal_saves_and_stops_the_input_workers_quietly(tmp_path):
+    """Ctrl-C signals the terminal's whole process group, input worker processes included:
+    they leave it to the trainer, which saves, closes them and exits 0. (Workers that died
+    of it printed KeyboardInterrupt tracebacks and left 'leaked shared_memory' warnings.)"""
+    workdir = str(tmp_path / 'run')
+    args = ['--config', 'configs/clip.py', *TINY, '--config.total_steps=1000']
+    args += ['--config.log_every=1', '--config.input.num_workers=2', '--workdir', workdir]
+    env = dict(os.environ)
+    env.pop('XLA_FLAGS', None)
+    proc = subprocess.Popen(
+        [sys.executable, *MAIN, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    metrics = os.path.join(workdir, 'metrics.jsonl')
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    assert f'stopped by signal {int(signal.SIGINT)}: step' in out
+    for noise in ('Traceback', 'KeyboardInterrupt', 'leaked'):
+        assert noise not in err, err[-3000:]
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(python, tmp_path):
     wd = str(tmp_path / 'run')
     args = MAIN + [
