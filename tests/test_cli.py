@@ -332,6 +332,28 @@ def test_checkpoint_of_another_model_or_damaged_is_one_line_error(python, tmp_pa
     assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4', '6']
 
 
+def start_training(args, workdir, **popen_options) -> subprocess.Popen:
+    """`python -m pretrain.main args` started, returned once it has logged 3 steps."""
+    env = dict(os.environ)
+    env.pop('XLA_FLAGS', None)
+    proc = subprocess.Popen(
+        [sys.executable, *MAIN, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen_options,
+    )
+    metrics = os.path.join(workdir, 'metrics.jsonl')
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
+            break
+        time.sleep(0.05)
+    return proc
+
+
 def test_sigterm_saves_exits_zero_and_resumes_exactly(python, tmp_path):
     args = [
         '--config',
@@ -344,22 +366,7 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(python, tmp_path):
     straight, stopped = str(tmp_path / 'a'), str(tmp_path / 'b')
     python(MAIN + args + ['--workdir', straight])
 
-    env = dict(os.environ)
-    env.pop('XLA_FLAGS', None)
-    proc = subprocess.Popen(
-        [sys.executable, *MAIN, *args, '--workdir', stopped],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = os.path.join(stopped, 'metrics.jsonl')
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
-            break
-        time.sleep(0.05)
+    proc = start_training(args + ['--workdir', stopped], stopped)
     sent = time.time()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
@@ -383,23 +390,8 @@ def test_ctrl_c_in_a_terminal_saves_and_stops_the_input_workers_quietly(tmp_path
     workdir = str(tmp_path / 'run')
     args = ['--config', 'configs/clip.py', *TINY, '--config.total_steps=1000']
     args += ['--config.log_every=1', '--config.input.num_workers=2', '--workdir', workdir]
-    env = dict(os.environ)
-    env.pop('XLA_FLAGS', None)
-    proc = subprocess.Popen(
-        [sys.executable, *MAIN, *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-    )
-    metrics = os.path.join(workdir, 'metrics.jsonl')
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
-            break
-        time.sleep(0.05)
+    # Its own process group, as a terminal's foreground job.
+    proc = start_training(args, workdir, start_new_session=True)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
