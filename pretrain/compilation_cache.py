@@ -17,6 +17,9 @@ import os
 import platform
 
 
+_FALSE = ('n', 'no', 'f', 'false', 'off', '0')
+
+
 def host_cpu_tag() -> str:
     """A short hash of this host's CPU model and feature flags (Linux /proc/cpuinfo)."""
     try:
@@ -43,7 +46,9 @@ def set_default():
     it names a folder already or JAX_ENABLE_COMPILATION_CACHE=false turns the cache off.
     Where the default folder cannot be made (a read-only home), runs go without the cache.
     """
-    off = os.environ.get('JAX_ENABLE_COMPILATION_CACHE', '').lower() in ('0', 'false', 'no')
+    # JAX's own false values for the variable (jax._src.config.bool_env; importing jax here
+    # would come before the allocator's re-exec).
+    off = os.environ.get('JAX_ENABLE_COMPILATION_CACHE', '').lower() in _FALSE
     if off or 'JAX_COMPILATION_CACHE_DIR' in os.environ:
         return
     folder = default_dir()
