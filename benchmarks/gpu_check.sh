@@ -10,14 +10,15 @@
 # 2. CLIP ViT-B/16 at 224 in bf16 (configs/clip.py:b16), one GPU: benchmarks/train_step.py at
 #    batch 512 with remat off and cuDNN attention via 'auto', 3 traced steps for the top ops,
 #    the trace and the optimised HLO kept; then with XLA's attention, and as `:b16` ships
-#    (remat nothing_saveable).
+#    (remat nothing_saveable); on a GPU of over 120 GB (the H200) also twice the batch with
+#    remat off.
 #    (Earlier rows for other remat policies and cuBLASLt's epilogues are in
 #    benchmarks/README.md.)
 # 3. correctness on the GPU: the model, objective and optimizer tests (numpy references, loss
 #    and gradients; cuDNN attention against XLA's in bf16);
 # 4. the quick start's config (configs/dreamlip.py) trained for 200 steps on the GPU, with its
 #    loader processes, an evaluation, checkpoints and metrics, as a user runs it.
-# Everything lands in $OUT, in 6 files (the device tool returns at most 8): bench.log (with
+# Everything lands in $OUT, in 6 files, 7 on an H200 (the device tool returns at most 8): bench.log (with
 # the quick start's last metric rows), three benchmark JSONs, the HLO and trace of the
 # first; COMPARE (below) adds one JSON per checkout compared, so compare at most two. About
 # 7.5 minutes on an H100, plus a minute for each checkout compared. 'quick' stops after the
@@ -102,6 +103,14 @@ bench_compared
 bench clip_b16_xla --config.model.remat=none --config.model.attention=xla \
     --label 'remat none, attention xla'
 bench clip_b16_shipped --label 'as shipped: remat nothing_saveable, attention auto'
+# Where the GPU holds twice the activations (the H200's 141 GB), batch 1024 with remat off:
+# the same per-sample work, with the optimizer's update and launch gaps spread over twice
+# the samples.
+mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+if [ "${mem_mib:-0}" -gt 120000 ]; then
+    BATCH=$((2 * ${BATCH:-512})) bench clip_b16_batch2x --config.model.remat=none \
+        --label 'remat none, attention auto (cuDNN), twice the batch'
+fi
 
 # 3. Correctness: several pytest workers share the GPU, so no worker preallocates it.
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 $PY -m pytest -q -p no:cacheprovider -n 4 \
