@@ -234,8 +234,10 @@ def test_siglip_chunked_memory_is_linear_in_batch():
     chunked = [temp_bytes(siglip_loss_chunked, b, chunk_size=128) for b in sizes]
     matrix_bytes = sizes[-1] ** 2 * 4  # one (B, B) float32 array at the largest batch
     info = f'temp bytes at batch {sizes}: full {full}, chunked {chunked}'
-    # Doubling B: growth x4 when quadratic, x2 when linear; 3 is the midpoint.
-    assert full[2] - full[1] > 3 * (full[1] - full[0]), info
+    # Quadrupling B: x16 when quadratic, x4 when linear; 8 is the midpoint (in log). Not per
+    # doubling: on an H200 the full loss kept four (B, B) arrays at 2048 and 4096, three
+    # at 8192 (full 67 / 268 / 805 MB).
+    assert full[2] > 8 * full[0], info
     assert full[2] >= matrix_bytes, info
     assert chunked[2] < matrix_bytes / 4, info  # 8192 x 128 blocks: never a (B, B) array
     if jax.default_backend() == 'cpu':  # no workspace: the growth itself is linear
