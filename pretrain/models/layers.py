@@ -438,11 +438,16 @@ class Mlp(nnx.Module):
         self.activation = activation
 
     def __call__(self, x, *, norm=None):
-        # The activation alone rematerialised: the backward recomputes it from fc1's output,
-        # fused into its gradient, instead of storing one more (N, f) tensor per block for it.
-        # CLIP B/16 on the H100: step 0.183 -> 0.175 s and 9.4 GB (one bf16 (N, f) per block)
-        # less XLA temp memory; ViT-Ti on CPU: same speed, 16% less (benchmarks/README.md).
-        act = jax.checkpoint(ACTIVATIONS[self.activation])
+        # Off CPU the activation alone is rematerialised: the backward recomputes it from
+        # fc1's output, fused into its gradient, instead of storing one more (N, f) tensor
+        # per block. CLIP B/16 on the H100: step 0.183 -> 0.175 s and 9.4 GB (one bf16 (N, f)
+        # per block) less XLA temp memory. On CPU it saves memory only (ViT-Ti: 16% less
+        # temp memory, same f32 speed) and costs time with bf16 operands, where the stored
+        # output is fc2's bf16 operand: DreamLIP tiny step 3.5% and ViT-Ti 2% faster without
+        # it, for 14% / 22% more temp memory (benchmarks/README.md).
+        act = ACTIVATIONS[self.activation]
+        if jax.default_backend() != 'cpu':
+            act = jax.checkpoint(act)
         return self.fc2(act(self.fc1(x, norm=norm)))
 
 
