@@ -284,7 +284,10 @@ def test_resume_logs_the_losses_of_an_uninterrupted_run(python, tmp_path):
     straight, resumed = str(tmp_path / 'a'), str(tmp_path / 'b')
     python(MAIN + args + ['--workdir', straight], env=env)
     (folder,) = (cache / 'pretrain' / 'jax').iterdir()  # one per CPU type
-    assert any(f.name.startswith('jit_train_step-') for f in folder.iterdir())
+    names = [f.name for f in folder.iterdir()]
+    assert any(n.startswith('jit_train_step-') for n in names), names
+    # Bounded (compilation_cache.MAX_BYTES): JAX's eviction keeps each entry's last use.
+    assert any(n.endswith('-atime') for n in names), names
     python(MAIN + args + ['--workdir', resumed], env=env)
     # Rewind the second run to its step-4 checkpoint, as if it had died right after it.
     shutil.rmtree(os.path.join(resumed, 'checkpoints', '8'))
@@ -426,6 +429,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(python, tmp_pat
 def test_compilation_cache_folder_is_per_cpu_type_unless_off_or_set(monkeypatch, tmp_path):
     from pretrain import compilation_cache
 
+    # set_default writes os.environ itself: it gets a copy, so nothing leaks into later tests.
+    monkeypatch.setattr(os, 'environ', dict(os.environ))
     monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
     compilation_cache.set_default()  # off (conftest): no folder
@@ -435,13 +440,16 @@ def test_compilation_cache_folder_is_per_cpu_type_unless_off_or_set(monkeypatch,
     folder, tag = os.environ['JAX_COMPILATION_CACHE_DIR'], compilation_cache.host_cpu_tag()
     assert folder == str(tmp_path / 'pretrain' / 'jax' / tag) and len(tag) == 12, folder
     assert os.path.isdir(folder)
+    assert os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] == str(compilation_cache.MAX_BYTES)
     monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
     monkeypatch.setenv('XDG_CACHE_HOME', '/proc/no_such_folder')  # cannot be made: no cache
     compilation_cache.set_default()
     assert 'JAX_COMPILATION_CACHE_DIR' not in os.environ
     monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/elsewhere')
+    monkeypatch.delenv('JAX_COMPILATION_CACHE_MAX_SIZE')
     compilation_cache.set_default()
     assert os.environ['JAX_COMPILATION_CACHE_DIR'] == '/elsewhere'
+    assert 'JAX_COMPILATION_CACHE_MAX_SIZE' not in os.environ  # the user's folder, the user's call
 
 
 def test_default_xla_flags_keep_what_the_user_set(monkeypatch):
