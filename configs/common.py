@@ -125,8 +125,9 @@ def model_config(
             # 'auto' | 'xla' | 'cudnn': pretrain.models.layers.Attention says what each runs.
             attention=attention,
             # As jax.default_matmul_precision around the towers: 'bfloat16' rounds f32
-            # matmuls' operands to bf16 (f32 accumulation), on CPU too
+            # matmuls' operands to bf16 (f32 accumulation) on CPU
             # (pretrain.models.layers.matmul; 5.3x the f32 matmul rate on CPUs with AMX);
+            # on GPU jax maps it to XLA's DEFAULT precision, TF32 for f32 matmuls;
             # 'auto' = 'bfloat16' on CPUs with AMX, else 'default' (f32 on CPU); 'float32'.
             matmul_precision=matmul_precision,
             logit_scale_init=logit_scale_init,

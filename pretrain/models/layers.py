@@ -117,7 +117,9 @@ def resolve_matmul_precision(name: str) -> str:
     'auto' is 'bfloat16' on CPUs with AMX, where bf16 operands make the ViT-Ti step 1.6x
     faster (benchmarks/README.md), and 'default' elsewhere: accelerators already run
     the towers in bf16 (`model.dtype`), and other CPUs have not been measured.
-    'default' is each backend's own (f32 on CPU), 'float32' full f32 everywhere.
+    'default' is each backend's own (f32 on CPU), 'float32' full f32 everywhere. On GPU
+    jax maps 'bfloat16' to XLA's DEFAULT precision, which runs f32 dots in TF32 there
+    (seen on an H200: tests/test_models.py); the bf16 operands are `matmul`'s, on CPU.
     """
     if name not in MATMUL_PRECISIONS:
         raise ValueError(
