@@ -18,10 +18,11 @@
 #    and gradients; cuDNN attention against XLA's in bf16);
 # 4. the quick start's config (configs/dreamlip.py) trained for 200 steps on the GPU, with its
 #    loader processes, an evaluation, checkpoints and metrics, as a user runs it.
-# Everything lands in $OUT, in 6 files, 7 on an H200 (the device tool returns at most 8): bench.log (with
-# the quick start's last metric rows), three benchmark JSONs, the HLO and trace of the
-# first; COMPARE (below) adds one JSON per checkout compared, so compare at most two. About
-# 7.5 minutes on an H100, plus a minute for each checkout compared. 'quick' stops after the
+# Everything lands in $OUT, in 6 files, 7 on an H200 (the device tool returns at most 8):
+# bench.log (with the quick start's last metric rows), three or four benchmark JSONs, the
+# HLO and trace of the first; COMPARE (below) adds one JSON per checkout compared, so
+# compare at most one on an H200. About 7.5 minutes on an H100 and 8 on an H200 (479 s in
+# session 18), plus a minute for each checkout compared. 'quick' stops after the
 # first benchmark; 'compare' runs an A/B alone (below). Each B/16 benchmark takes about a
 # minute (31-53 s of it compiling; 137 s with XLA's Triton GEMMs, which
 # pretrain.main.GPU_XLA_FLAGS turns off).
@@ -113,8 +114,8 @@ if [ "${mem_mib:-0}" -gt 120000 ]; then
 fi
 
 # 3. Correctness: several pytest workers share the GPU, so no worker preallocates it.
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 $PY -m pytest -q -p no:cacheprovider -n 4 \
-    tests/test_models.py tests/test_objectives.py tests/test_optim.py 2>&1 | tail -25 \
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 240 $PY -m pytest -q -p no:cacheprovider -n 4 --tb=line \
+    tests/test_models.py tests/test_objectives.py tests/test_optim.py 2>&1 | tail -40 \
     | tee -a "$OUT/bench.log"
 
 # 4. The quick start's config on the GPU (f32, as the CPU recipe), TRAIN_STEPS steps, with
