@@ -21,8 +21,8 @@ import platform
 _FALSE = ('n', 'no', 'f', 'false', 'off', '0')
 
 # The default folder's bound (JAX_COMPILATION_CACHE_MAX_SIZE): JAX's own default is none.
-# The quick start's entries take 1.3 MB; a CLIP B/16 step on GPU tens of MB. JAX's eviction
-# records each entry's last use in a `-atime` file beside it, under a file lock (filelock).
+# The quick start leaves 4 entries, 1.3 MB. JAX's eviction records each entry's last use in
+# a `-atime` file beside it, under a file lock (filelock).
 MAX_BYTES = 4 << 30
 
 
