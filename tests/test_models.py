@@ -502,14 +502,33 @@ def test_dense_split_matches_slices_of_its_output():
 
 @pytest.mark.parametrize('causal', [False, True])
 def test_attention_in_batch_chunks_matches_whole_batch(causal):
-    # Attention on CPU runs in batch chunks (layers.Attention); padding masks are per example.
+    # Attention on CPU runs in batch chunks (layers.Attention), with the q, k, v biases added
+    # in each chunk; padding masks are per example. Values and gradients (biases included)
+    # must equal attention on the whole batch with the biases added first.
     q, k, v = jax.random.normal(jax.random.key(0), (3, 4, 5, 2, 8))
+    bias = 0.5 * jax.random.normal(jax.random.key(1), (3, 2, 8))
+    cotangent = jax.random.normal(jax.random.key(2), (4, 5, 16))
     valid = jnp.arange(5)[None, :] < jnp.array([5, 3, 1, 4])[:, None]
     pairs = valid[:, None, :, None] & valid[:, None, None, :]
     mask = None if causal else pairs | jnp.eye(5, dtype=bool)
-    whole = layers.attention_heads_first(q, k, v, mask=mask, is_causal=causal)
-    chunked = layers.attention_heads_first(q, k, v, mask=mask, is_causal=causal, chunks=2)
-    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+
+    def whole(q, k, v, bias):
+        y = layers.attention_heads_first(
+            q + bias[0], k + bias[1], v + bias[2], mask=mask, is_causal=causal
+        )
+        return jnp.sum(y * cotangent)
+
+    def chunked(q, k, v, bias):
+        y = layers.attention_heads_first(
+            q, k, v, mask=mask, is_causal=causal, chunks=2, bias=bias
+        )
+        return jnp.sum(y * cotangent)
+
+    np.testing.assert_allclose(chunked(q, k, v, bias), whole(q, k, v, bias), rtol=1e-6)
+    got = jax.grad(chunked, argnums=(0, 1, 2, 3))(q, k, v, bias)
+    want = jax.grad(whole, argnums=(0, 1, 2, 3))(q, k, v, bias)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_attention_implementation_is_named():

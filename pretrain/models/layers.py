@@ -187,29 +187,31 @@ class Dense(nnx.Module):
     def __call__(self, x, *, norm: LayerNorm | None = None):
         return self.split(x, 1, norm=norm)[0]
 
-    def split(self, x, parts: int, *, norm: LayerNorm | None = None) -> list:
+    def folded(self, norm: LayerNorm | None = None):
+        """(kernel, bias) with `norm`'s scale and shift folded in (bias None: no bias)."""
+        kernel = self.kernel[...]
+        bias = None if self.bias is None else self.bias[...]
+        if norm is not None:
+            bias = norm.bias[...] @ kernel + (0.0 if bias is None else bias)
+            kernel = norm.scale[...][:, None] * kernel
+        return kernel, bias
+
+    def split(self, x, parts: int, *, norm: LayerNorm | None = None, bias: bool = True):
         """The output as `parts` equal column blocks, each its own matmul into its own buffer.
 
         Same function as slicing __call__'s output, without the slices: on GPU each is a
         copy of its block, and their gradients are concatenated back (see Attention).
+        `bias=False` leaves the bias out, for a caller that adds `folded(norm)[1]` itself.
         """
         lead = x.shape[:-1]
-        kernel = self.kernel[...]
-        bias = None if self.bias is None else self.bias[...]
+        kernel, b = self.folded(norm)
         if norm is not None:
             x = norm.normalize(x)
-            bias = norm.bias[...] @ kernel + (0.0 if bias is None else bias)
-            kernel = norm.scale[...][:, None] * kernel
         x_nd = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        kernels = jnp.split(kernel.astype(self.dtype), parts, axis=1)
-        biases = [None] * parts if bias is None else jnp.split(bias.astype(self.dtype), parts)
-        outputs = []
-        for w, b in zip(kernels, biases):
-            y = matmul(x_nd, w)
-            if b is not None:
-                y = y + b
-            outputs.append(y.reshape(*lead, y.shape[-1]))
-        return outputs
+        outputs = [matmul(x_nd, w) for w in jnp.split(kernel.astype(self.dtype), parts, axis=1)]
+        if bias and b is not None:
+            outputs = [y + bb for y, bb in zip(outputs, jnp.split(b.astype(self.dtype), parts))]
+        return [y.reshape(*lead, y.shape[-1]) for y in outputs]
 
 
 class LayerNorm(nnx.Module):
@@ -233,7 +235,7 @@ class LayerNorm(nnx.Module):
 
 
 def attention_heads_first(
-    q_bthk, k_bthk, v_bthk, *, mask=None, is_causal: bool = False, chunks: int = 1
+    q_bthk, k_bthk, v_bthk, *, mask=None, is_causal: bool = False, chunks: int = 1, bias=None
 ):
     """Softmax attention with heads before tokens, as plain einsums (the CPU path).
 
@@ -243,6 +245,12 @@ def attention_heads_first(
 
     `chunks` > 1 computes it for that many contiguous slices of the batch, one after the
     other (same arithmetic per example).
+
+    `bias`: (3, H, K), added to q, k and v first, in each chunk. Its gradient is then summed
+    per chunk: added before the chunks, it made XLA compute each of q, k and v's gradients
+    twice from the chunks (a transposing concatenation for the input-gradient dot, and
+    another for the bias-gradient sum). ViT-Ti bf16 step -4% (six alternated pairs), DreamLIP
+    tiny -2% (benchmarks/README.md).
     """
     b, t, h, k = q_bthk.shape
     if chunks > 1 and b % chunks == 0:
@@ -250,10 +258,12 @@ def attention_heads_first(
         masks = jnp.split(mask, chunks) if per_example else [mask] * chunks
         split = lambda a: jnp.split(a, chunks)
         parts = [
-            attention_heads_first(q, kk, v, mask=m, is_causal=is_causal)
+            attention_heads_first(q, kk, v, mask=m, is_causal=is_causal, bias=bias)
             for q, kk, v, m in zip(split(q_bthk), split(k_bthk), split(v_bthk), masks)
         ]
         return jnp.concatenate(parts)
+    if bias is not None:
+        q_bthk, k_bthk, v_bthk = q_bthk + bias[0], k_bthk + bias[1], v_bthk + bias[2]
     q, kk, v = (a.transpose(0, 2, 1, 3) for a in (q_bthk, k_bthk, v_bthk))  # (B, H, T, K)
     logits = jnp.einsum('bhqk,bhsk->bhqs', q * (k**-0.5), kk)
     if is_causal:
@@ -368,10 +378,11 @@ class Attention(nnx.Module):
         if kv_length is not None and not cudnn:
             raise ValueError('kv_length (padded tokens) is for the cuDNN attention path only')
         heads_first_cpu = self.implementation == 'auto' and jax.default_backend() == 'cpu'
+        heads = lambda y: y.reshape(b, t, self.heads, d // self.heads)
         if heads_first_cpu and not bf16_matmul_operands():
             # f32 on CPU: one (N, 3d) matmul; as three, the ViT-Ti step was 4% slower.
-            qkv = self.qkv(x_btd, norm=norm).reshape(b, t, 3, self.heads, d // self.heads)
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            (qkv,) = self.qkv.split(x_btd, 1, norm=norm, bias=False)
+            q, k, v = map(heads, jnp.split(qkv, 3, axis=-1))
         else:
             # q, k and v as three matmuls, each into its own buffer. Slicing one (B, T, 3, H,
             # K) output copied all three for cuDNN, and the backward concatenated their
@@ -379,15 +390,19 @@ class Attention(nnx.Module):
             # step 0.183 -> 0.179 s. With bf16 operands on CPU each gradient then goes to its
             # own bf16 dot: ViT-Ti step 0.921 / 0.899 -> 0.880 / 0.852 s, DreamLIP tiny 0.48
             # -> 0.44 s, alternated (benchmarks/README.md).
-            heads = lambda y: y.reshape(b, t, self.heads, d // self.heads)
-            q, k, v = map(heads, self.qkv.split(x_btd, 3, norm=norm))
+            q, k, v = map(heads, self.qkv.split(x_btd, 3, norm=norm, bias=not heads_first_cpu))
         if heads_first_cpu:
             # 8 batch chunks keep each chunk's (B/8, H, T, T) scores (0.8 MB for ViT-Ti) in
             # L2 and give XLA independent ops: ViT-Ti CLIP step -3% on one core
             # (benchmarks/README.md). Only on one device: slicing a batch sharded over
             # devices would move rows between them.
             chunks = 8 if jax.device_count() == 1 else 1
-            y = attention_heads_first(q, k, v, mask=mask, is_causal=is_causal, chunks=chunks)
+            bias = self.qkv.folded(norm)[1]
+            if bias is not None:
+                bias = bias.astype(q.dtype).reshape(3, self.heads, d // self.heads)
+            y = attention_heads_first(
+                q, k, v, mask=mask, is_causal=is_causal, chunks=chunks, bias=bias
+            )
             return self.out(y)
         if cudnn:
             impl = 'cudnn' if self.implementation == 'auto' else self.implementation
