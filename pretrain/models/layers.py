@@ -249,8 +249,8 @@ def attention_heads_first(
     `bias`: (3, H, K), added to q, k and v first, in each chunk. Its gradient is then summed
     per chunk: added before the chunks, it made XLA compute each of q, k and v's gradients
     twice from the chunks (a transposing concatenation for the input-gradient dot, and
-    another for the bias-gradient sum). ViT-Ti bf16 step -4% (six alternated pairs), DreamLIP
-    tiny -2% (benchmarks/README.md).
+    another for the bias-gradient sum). ViT-Ti bf16 step -3.5% (eight alternated pairs),
+    DreamLIP tiny -2.5% (benchmarks/README.md).
     """
     b, t, h, k = q_bthk.shape
     if chunks > 1 and b % chunks == 0:
