@@ -519,9 +519,7 @@ def test_attention_in_batch_chunks_matches_whole_batch(causal):
         return jnp.sum(y * cotangent)
 
     def chunked(q, k, v, bias):
-        y = layers.attention_heads_first(
-            q, k, v, mask=mask, is_causal=causal, chunks=2, bias=bias
-        )
+        y = layers.attention_heads_first(q, k, v, mask=mask, is_causal=causal, chunks=2, bias=bias)
         return jnp.sum(y * cotangent)
 
     np.testing.assert_allclose(chunked(q, k, v, bias), whole(q, k, v, bias), rtol=1e-6)
