@@ -30,7 +30,9 @@ the object-patch accuracy, which moves before mIoU does).
 Extra `--config.k=v` flags go to every variant (e.g. a shorter run for a smoke test).
 results/ablation_dreamlip.md is this script's default run (600 steps, the tiny model's conv
 stem); results/ablation_dreamlip_patch_stem.md the same at 800 steps with the linear patch
-embedding the tiny model had before (`--steps 800 --config.model.image.stem=patch`).
+embedding the tiny model had before (`--steps 800 --config.model.image.stem=patch`). Both used
+f32 matmuls (`--config.model.matmul_precision=default`); results/ablation_dreamlip_bf16.md is
+the default run with the bf16 operands the tiny configs now use on CPUs with AMX.
 """
 
 from __future__ import annotations
