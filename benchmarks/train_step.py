@@ -27,7 +27,7 @@ What is measured, all written to --out as JSON (see benchmarks/README.md):
   `--hlo_out` keeps the optimised HLO those fusions are defined in.
 
 The XLA flags and allocator are the product's: `pretrain.main.prepare_process()` sets
-`GPU_XLA_FLAGS` and re-executes the process with its allocator (pretrain/allocator.py:
+`DEFAULT_XLA_FLAGS` and re-executes the process with its allocator (pretrain/allocator.py:
 mimalloc, or glibc's tunables) unless PRETRAIN_MALLOC=system. `--compare_malloc` reruns the
 same benchmark in a subprocess with the other setting and records both.
 """

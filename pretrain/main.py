@@ -21,19 +21,24 @@ import tempfile
 
 from pretrain import allocator, compilation_cache
 
-# XLA flags for GPU runs, applied unless XLA_FLAGS already sets the same flag. XLA CPU parses
-# and ignores them. Measured on one H200, CLIP ViT-B/16 at 224, bf16, batch 512
-# (benchmarks/results/train_step_h200_*.json): with XLA's Triton GEMM fusions off, every
-# matmul goes to cuBLAS and the step compiles in 31 s instead of 137 s (Triton's GEMM
-# autotuning); the step ran at 191 ms instead of 252 ms, together with cuDNN attention (the two
-# were not measured apart). MaxText's GPU recipes set the same flag.
-GPU_XLA_FLAGS = ('--xla_gpu_enable_triton_gemm=false',)
+# XLA flags applied unless XLA_FLAGS already sets the same flag; each backend ignores the
+# other's.
+# - GPU, measured on one H200, CLIP ViT-B/16 at 224, bf16, batch 512
+#   (benchmarks/results/train_step_h200_*.json): with XLA's Triton GEMM fusions off, every
+#   matmul goes to cuBLAS and the step compiles in 31 s instead of 137 s (Triton's GEMM
+#   autotuning); the step ran at 191 ms instead of 252 ms, together with cuDNN attention (the
+#   two were not measured apart). MaxText's GPU recipes set the same flag.
+# - CPU: XLA's own loops (GELU's tanh, the bf16 roundings, norms, softmax) in 512-bit vectors
+#   where the CPU has AVX-512; LLVM prefers 256 bits by default, and without AVX-512 the flag
+#   changes nothing. ViT-Ti CLIP with bf16 operands 2-3% faster in alternated pairs on the
+#   AMX Xeon; the DreamLIP tiny step and f32 equal (benchmarks/README.md).
+DEFAULT_XLA_FLAGS = ('--xla_gpu_enable_triton_gemm=false', '--xla_cpu_prefer_vector_width=512')
 
 
 def set_default_xla_flags():
-    """Adds GPU_XLA_FLAGS to XLA_FLAGS (before jax starts); a flag the user set is kept."""
+    """Adds DEFAULT_XLA_FLAGS to XLA_FLAGS (before jax starts); a flag the user set is kept."""
     flags = os.environ.get('XLA_FLAGS', '')
-    extra = [f for f in GPU_XLA_FLAGS if f.split('=')[0] not in flags]
+    extra = [f for f in DEFAULT_XLA_FLAGS if f.split('=')[0] not in flags]
     if extra:
         os.environ['XLA_FLAGS'] = ' '.join([flags, *extra]).strip()
 

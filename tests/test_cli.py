@@ -457,8 +457,11 @@ def test_default_xla_flags_keep_what_the_user_set(monkeypatch):
 
     monkeypatch.delenv('XLA_FLAGS', raising=False)
     main.set_default_xla_flags()
-    assert os.environ['XLA_FLAGS'] == ' '.join(main.GPU_XLA_FLAGS)
-    mine = '--xla_force_host_platform_device_count=8 --xla_gpu_enable_triton_gemm=true'
+    assert os.environ['XLA_FLAGS'] == ' '.join(main.DEFAULT_XLA_FLAGS)
+    mine = (
+        '--xla_force_host_platform_device_count=8 --xla_gpu_enable_triton_gemm=true'
+        ' --xla_cpu_prefer_vector_width=256'
+    )
     monkeypatch.setenv('XLA_FLAGS', mine)
     main.set_default_xla_flags()
     assert os.environ['XLA_FLAGS'] == mine
