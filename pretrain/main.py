@@ -30,8 +30,9 @@ from pretrain import allocator, compilation_cache
 #   two were not measured apart). MaxText's GPU recipes set the same flag.
 # - CPU: XLA's own loops (GELU's tanh, the bf16 roundings, norms, softmax) in 512-bit vectors
 #   where the CPU has AVX-512; LLVM prefers 256 bits by default, and without AVX-512 the flag
-#   changes nothing. ViT-Ti CLIP with bf16 operands 2-3% faster in alternated pairs on the
-#   AMX Xeon; the DreamLIP tiny step and f32 equal (benchmarks/README.md).
+#   changes nothing. ViT-Ti CLIP with bf16 operands ~2% faster (lower in six of seven
+#   alternated pairs) on the AMX Xeon; the DreamLIP tiny step and f32 equal
+#   (benchmarks/README.md).
 DEFAULT_XLA_FLAGS = ('--xla_gpu_enable_triton_gemm=false', '--xla_cpu_prefer_vector_width=512')
 
 
