@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
         'command': 'python -m benchmarks.cpu_matmul_forms ' + ' '.join(argv or []),
         'cpu': train_step.cpu_model() or platform.processor(),
         'cores': os.cpu_count(),
-        'amx_bf16': layers.cpu_has_amx(),
+        'cpu_bf16_flags': list(layers.cpu_bf16_flags()),
         'jax': jax.__version__,
         'matmul_2048_gflops': {
             'f32': flops.measured_matmul_flops() / 1e9,

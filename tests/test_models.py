@@ -422,7 +422,7 @@ def test_bf16_matmul_operands_match_numpy_on_rounded_operands(d_in, d_out):
 
 
 @ON_CPU_ONLY
-@pytest.mark.skipif(not layers.cpu_has_amx(), reason='measured only on CPUs with AMX (Intel Xeon)')
+@pytest.mark.skipif(not layers.cpu_bf16_flags(), reason='a CPU without bf16 dot instructions')
 def test_bf16_matmul_runs_its_three_dots_in_bf16():
     # XLA turns a bf16 dot it cannot hand to YNNPACK back into an f32 dot (converting the
     # operands) without a word: the forward and both gradient dots must keep bf16 operands.
@@ -435,6 +435,27 @@ def test_bf16_matmul_runs_its_three_dots_in_bf16():
         dots = re.findall(r' dot\(%([\w.\-]+), %([\w.\-]+)\)', hlo)
         assert len(dots) == 3, hlo
         assert [(types[a], types[b]) for a, b in dots] == [('bf16', 'bf16')] * 3, hlo
+
+
+def test_cpu_bf16_flags_reads_the_flags_line(tmp_path):
+    # Cut-down /proc/cpuinfo of the two CPU kinds measured (benchmarks/README.md) and one
+    # without bf16 dot instructions; a flag must match whole ('avx512_bf16x' is not one).
+    head = 'processor\t: 0\nvendor_id\t: X\nmodel name\t: Y\n'
+    for flags, want in [
+        ('fpu avx2 avx512f amx_bf16 amx_tile amx_int8', ('amx_bf16',)),  # Xeon, Sapphire Rapids
+        ('fpu avx2 avx512f avx512_bf16 avx512_vnni', ('avx512_bf16',)),  # EPYC, Zen 4
+        ('fpu avx2 avx512f avx512_bf16x', ()),
+        ('fpu sse2 avx2 fma', ()),
+    ]:
+        path = tmp_path / 'cpuinfo'
+        cpu = f'{head}flags\t\t: {flags}\nbugs\t\t: amx_bf16\n\n'
+        path.write_text(cpu + cpu)
+        assert layers.cpu_bf16_flags(str(path)) == want
+    assert layers.cpu_bf16_flags(str(tmp_path / 'missing')) == ()
+    want = 'bfloat16' if layers.cpu_bf16_flags() else 'default'
+    assert layers.resolve_matmul_precision('auto') == (
+        want if jax.default_backend() == 'cpu' else 'default'
+    )
 
 
 def test_matmul_precision_of_the_model_config():

@@ -102,21 +102,30 @@ BF16_PRECISIONS = ('bfloat16', 'bf16_bf16_f32')
 MATMUL_PRECISIONS = ('auto', 'default', 'bfloat16', 'float32')
 
 
-def cpu_has_amx() -> bool:
-    """Whether this host's CPU multiplies bf16 matrices in AMX tiles (Linux only)."""
+# /proc/cpuinfo flags of the instructions that multiply bf16 matrices: AMX tiles (Intel Xeon
+# since Sapphire Rapids) and AVX-512 BF16 dot products (AMD Zen 4 and later, Intel Cooper Lake).
+# XLA's YNNPACK kernels use either (benchmarks/README.md, "bf16 matmul operands on CPU").
+CPU_BF16_FLAGS = ('amx_bf16', 'avx512_bf16')
+
+
+def cpu_bf16_flags(cpuinfo: str = '/proc/cpuinfo') -> tuple[str, ...]:
+    """Which of `CPU_BF16_FLAGS` this host's CPU has (Linux only; () elsewhere)."""
     try:
-        with open('/proc/cpuinfo') as f:
-            return any(line.startswith('flags') and ' amx_bf16' in line for line in f)
+        with open(cpuinfo) as f:
+            line = next((line for line in f if line.startswith('flags')), 'flags:')
     except OSError:
-        return False
+        return ()
+    flags = line.split(':', 1)[1].split()
+    return tuple(name for name in CPU_BF16_FLAGS if name in flags)
 
 
 def resolve_matmul_precision(name: str) -> str:
     """`model.matmul_precision` as the value for `jax.default_matmul_precision`.
 
-    'auto' is 'bfloat16' on CPUs with AMX, where bf16 operands make the ViT-Ti step 1.6x
-    faster (benchmarks/README.md), and 'default' elsewhere: accelerators already run
-    the towers in bf16 (`model.dtype`), and other CPUs have not been measured.
+    'auto' is 'bfloat16' on CPUs that multiply bf16 in hardware (`cpu_bf16_flags`), where
+    bf16 operands make the ViT-Ti step 1.5-1.6x faster (AMX on a Xeon, AVX-512 BF16 on an
+    AMD EPYC: benchmarks/README.md), and 'default' elsewhere: accelerators already run the
+    towers in bf16 (`model.dtype`), and CPUs without such instructions would emulate it.
     'default' is each backend's own (f32 on CPU), 'float32' full f32 everywhere. On GPU
     jax maps 'bfloat16' to XLA's DEFAULT precision, which runs f32 dots in TF32 there
     (seen on an H200: tests/test_models.py); the bf16 operands are `matmul`'s, on CPU.
@@ -126,7 +135,7 @@ def resolve_matmul_precision(name: str) -> str:
             f"unknown matmul_precision '{name}'; valid: {', '.join(MATMUL_PRECISIONS)}"
         )
     if name == 'auto':
-        return 'bfloat16' if jax.default_backend() == 'cpu' and cpu_has_amx() else 'default'
+        return 'bfloat16' if jax.default_backend() == 'cpu' and cpu_bf16_flags() else 'default'
     return name
 
 
