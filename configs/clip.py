@@ -46,8 +46,9 @@ def get_config(arg: str | None = None):
                 'mu', context_length=32, vocab_size=common.SHAPES_BPE_VOCAB_SIZE
             ),
             embed_dim=128,
-            # bf16 matmul operands on CPUs with AMX (f32 elsewhere): the DreamLIP step
-            # 0.515 -> 0.403 s on a 2-core Xeon, and the quick start ended no worse (seed 0,
+            # bf16 matmul operands on CPUs with AMX or AVX-512 BF16 (f32 elsewhere): the
+            # DreamLIP step 0.515 -> 0.403 s on a 2-core Xeon (AMX), 0.763 -> 0.635 s on a
+            # 2-core AMD EPYC (Zen 4), and the quick start ended no worse (Xeon, seed 0,
             # 600 steps: zero-shot / shape 92.6 / 79.1 against 82.4 / 70.3 in f32). Tests of
             # exact equivalences pin 'default' (f32). benchmarks/README.md, "bf16 matmul
             # operands on CPU".

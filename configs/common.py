@@ -126,9 +126,10 @@ def model_config(
             attention=attention,
             # As jax.default_matmul_precision around the towers: 'bfloat16' rounds f32
             # matmuls' operands to bf16 (f32 accumulation) on CPU
-            # (pretrain.models.layers.matmul; 5.3x the f32 matmul rate on CPUs with AMX);
-            # on GPU jax maps it to XLA's DEFAULT precision, TF32 for f32 matmuls;
-            # 'auto' = 'bfloat16' on CPUs with AMX, else 'default' (f32 on CPU); 'float32'.
+            # (pretrain.models.layers.matmul; 5.3x the f32 matmul rate on CPUs with AMX,
+            # 1.8x with AVX-512 BF16); on GPU jax maps it to XLA's DEFAULT precision, TF32
+            # for f32 matmuls; 'auto' = 'bfloat16' on CPUs with either
+            # (layers.cpu_bf16_flags), else 'default' (f32 on CPU); 'float32'.
             matmul_precision=matmul_precision,
             logit_scale_init=logit_scale_init,
             logit_bias_init=logit_bias_init,

@@ -68,8 +68,8 @@ TINY_MODEL = [
 ]
 # f32 matmuls, for tests of exact equivalences (meshes, gradient accumulation, packing,
 # imported weights): the tiny configs' 'auto' rounds matmul operands to bf16 on CPUs with
-# AMX, which turns float32 rounding differences into bf16 ones (1 vs 2x2x2 devices: losses
-# still within 6.8e-4 over 8 steps, gradient norms only within 5e-3).
+# AMX or AVX-512 BF16, which turns float32 rounding differences into bf16 ones (1 vs 2x2x2
+# devices: losses still within 6.8e-4 over 8 steps, gradient norms only within 5e-3).
 F32_MATMULS = ['--config.model.matmul_precision=default']
 
 # The CLI tests' run: the tiny model, batch 16, no progress bar, no periodic evaluation.

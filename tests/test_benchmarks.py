@@ -232,7 +232,8 @@ def test_dreamlip_ablation_tabulates_its_variants_and_reads_finished_runs_back(p
     from benchmarks import ablation_dreamlip as ablation
 
     out = tmp_path / 'abl'
-    small_evals = [
+    small_runs = [  # and the tiny towers, which both variants' texts fit at 64 px
+        *[arg for arg in TINY_MODEL if 'context_length' not in arg and 'image_size' not in arg],
         '--config.batch_size=16',
         '--config.evals.zeroshot.num_examples=64',
         '--config.evals.retrieval.num_examples=64',
@@ -242,7 +243,7 @@ def test_dreamlip_ablation_tabulates_its_variants_and_reads_finished_runs_back(p
         '--config.evals.dense_zeroshot.num_examples=16',
     ]
     args = ['-m', 'benchmarks.ablation_dreamlip', '--only', 'a,d', '--steps', '3']
-    args += ['--workdir', str(tmp_path / 'runs'), '--out', str(out), *small_evals]
+    args += ['--workdir', str(tmp_path / 'runs'), '--out', str(out), *small_runs]
     python(args, timeout=300)
     first = json.loads((tmp_path / 'abl.json').read_text())
     assert first['steps'] == 3 and sorted(first['variants']) == ['a', 'd']
