@@ -48,6 +48,7 @@ import time
 import numpy as np
 
 from benchmarks import results_io, trace_summary
+from pretrain import host
 
 SCHEMA = 1
 CONTENDED_ABOVE = 0.1  # share of the cores other processes used during the timed steps
@@ -138,14 +139,7 @@ def allocator_info() -> dict:
 
 
 def cpu_model() -> str | None:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return None
+    return host.cpuinfo('model name')
 
 
 def proc_status_kib(field: str) -> int | None:

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.experimental.layout import Layout, with_layout_constraint
 
+from pretrain import host
+
 # Initialisers follow common ViT/CLIP practice: xavier for projections, small normal for
 # embeddings (big_vision uses the same choices).
 xavier = nnx.initializers.xavier_uniform()
@@ -108,14 +110,9 @@ MATMUL_PRECISIONS = ('auto', 'default', 'bfloat16', 'float32')
 CPU_BF16_FLAGS = ('amx_bf16', 'avx512_bf16')
 
 
-def cpu_bf16_flags(cpuinfo: str = '/proc/cpuinfo') -> tuple[str, ...]:
+def cpu_bf16_flags(cpuinfo: str = host.CPUINFO) -> tuple[str, ...]:
     """Which of `CPU_BF16_FLAGS` this host's CPU has (Linux only; () elsewhere)."""
-    try:
-        with open(cpuinfo) as f:
-            line = next((line for line in f if line.startswith('flags')), 'flags:')
-    except OSError:
-        return ()
-    flags = line.split(':', 1)[1].split()
+    flags = (host.cpuinfo('flags', cpuinfo) or '').split()
     return tuple(name for name in CPU_BF16_FLAGS if name in flags)
 
 
