@@ -9,9 +9,10 @@
 # 1. the machine and the versions in use;
 # 2. CLIP ViT-B/16 at 224 in bf16 (configs/clip.py:b16), one GPU: benchmarks/train_step.py at
 #    batch 512 with remat off and cuDNN attention via 'auto', 3 traced steps for the top ops,
-#    the trace and the optimised HLO kept; then with XLA's attention, and as `:b16` ships
-#    (remat nothing_saveable); on a GPU of over 120 GB (the H200) also twice the batch with
-#    remat off.
+#    the trace and the optimised HLO kept; attention and LayerNorm timed alone by
+#    implementation (benchmarks/gpu_kernels.py); the step as `:b16` ships (remat
+#    nothing_saveable); on a GPU of over 120 GB (the H200) also twice the batch with remat
+#    off.
 #    (Earlier rows for other remat policies and cuBLASLt's epilogues are in
 #    benchmarks/README.md.)
 # 3. correctness on the GPU: the model, objective and optimizer tests (numpy references, loss
@@ -19,8 +20,8 @@
 # 4. the quick start's config (configs/dreamlip.py) trained for 200 steps on the GPU, with its
 #    loader processes, an evaluation, checkpoints and metrics, as a user runs it.
 # Everything lands in $OUT, in 6 files, 7 on an H200 (the device tool returns at most 8):
-# bench.log (with the quick start's last metric rows), three or four benchmark JSONs, the
-# HLO and trace of the first; COMPARE (below) adds one JSON per checkout compared, so
+# bench.log (with the quick start's last metric rows), two or three step JSONs, the kernels'
+# JSON, the HLO and trace of the first; COMPARE (below) adds one JSON per checkout compared, so
 # compare at most one on an H200. About 7.5 minutes on an H100 and 8 on an H200 (479 s in
 # session 18), plus a minute for each checkout compared. 'quick' stops after the
 # first benchmark; 'compare' runs an A/B alone (below). Each B/16 benchmark takes about a
@@ -99,10 +100,12 @@ bench clip_b16_cudnn --config.model.remat=none --profile_steps 3 --profile_dir /
 cp "$(find /tmp/gpu_trace -name perfetto_trace.json.gz | head -1)" "$OUT/clip_b16_cudnn_trace.json.gz"
 [ "${1:-}" = quick ] && exit 0
 bench_compared
-# XLA's attention materialises the (T, T) scores, which at 198 tokens may beat cuDNN's flash
-# kernel (26 ms of the step for ~2.4 TFLOP on the H100, session 10).
-bench clip_b16_xla --config.model.remat=none --config.model.attention=xla \
-    --label 'remat none, attention xla'
+# Attention and LayerNorm alone on the step's shapes, by implementation (cuDNN with and
+# without the padding mask and at other lengths, XLA's, Pallas' Triton and Mosaic GPU
+# kernels): where the ~25 ms of attention and ~17 ms of LayerNorm per step could go. (The
+# whole step with XLA's attention was 37% slower than with cuDNN's on the H200, session 18.)
+timeout 200 $PY -m benchmarks.gpu_kernels --batch ${BATCH:-512} --iters ${KERNEL_ITERS:-50} \
+    --out "$OUT/kernels.json" 2>&1 | grep -v '^W0000\|^I0000' | tail -14 | tee -a "$OUT/bench.log"
 bench clip_b16_shipped --label 'as shipped: remat nothing_saveable, attention auto'
 # Where the GPU holds twice the activations (the H200's 141 GB), batch 1024 with remat off:
 # the same per-sample work, with the optimizer's update and launch gaps spread over twice
