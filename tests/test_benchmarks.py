@@ -49,13 +49,14 @@ def test_train_step_benchmark_writes_sane_json(python, tmp_path):
     assert len(t['step']['all_s']) == 2
     assert 0 < t['step']['min_s'] <= t['step']['median_s'] <= t['step']['max_s']
     assert t['step']['mean_s'] > 0 and t['samples_per_s'] > 0 and t['compile_s'] > 0
+    assert len(t['step_pipelined']['all_s']) == 2 and t['samples_per_s_pipelined'] > 0
     assert r['batch_shapes'] == {'image': [[8, 32, 32, 3], 'uint8'], 'text': [[8, 32], 'int32']}
     # Analytic model FLOPs (matmuls only) against XLA's count of the whole compiled step.
     assert f['analytic_per_step'] > 0 and f['xla_cost_analysis_per_step'] > 0
     assert 0.5 < f['analytic_over_xla'] < 2, f
     assert 0.5 < f['analytic_over_hlo_dot'] < 2, f
     assert r['peak']['per_device_flops'] > 0 and r['peak']['source']
-    assert 0 < r['mfu'] < 1.5
+    assert 0 < r['mfu'] < 1.5 and 0 < r['mfu_pipelined'] < 1.5
     assert r['memory']['process_peak_rss_bytes'] > 0
     assert r['memory']['xla']['temp_size_in_bytes'] >= 0
     assert r['model']['image']['width'] == 32 and r['model']['text']['depth'] == 1
