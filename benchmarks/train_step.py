@@ -428,9 +428,10 @@ def run_benchmark(args, overrides) -> dict:
 
         def pipelined_steps(n: int) -> list[float]:
             # As pretrain.train.run steps: the next step is dispatched before the host waits
-            # for the one before, so the host's per-step work (flattening ~1k state arrays,
-            # dispatch: 19 ms of a 179 ms CLIP B/16 step on an H100, session 22) overlaps the
-            # device's. Each time: from one step's completion to the next's.
+            # for the one before, so the host's per-step work overlaps the device's (blocked,
+            # an H100 idled 19 ms between CLIP B/16 steps of 162 kernel-ms: the state's
+            # flattening and the dispatch; session 22). Each time: from one step's completion
+            # to the next's.
             nonlocal state, metrics
             state, metrics = compiled(state, batch)
             out, last = [], time.perf_counter()
@@ -444,8 +445,9 @@ def run_benchmark(args, overrides) -> dict:
             jax.block_until_ready((state, metrics))
             return out
 
-        times_pipelined = pipelined_steps(args.steps)
         last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+        # After the step-13 metrics that earlier runs' losses compare with.
+        times_pipelined = pipelined_steps(args.steps)
 
         profile = profile_steps(one_step, args) if args.profile_steps > 0 else None
         peak_after, _ = flops.peak_flops_per_device(matmul_precision=precision)
