@@ -13,8 +13,9 @@ that an implementation can be chosen on figures:
   key-length mask), and unmasked at 198, 192 and 256 tokens, to see what the mask and
   cuDNN's 64-row tiles cost; XLA's attention; Pallas' Triton flash attention
   (`jax.experimental.pallas.ops.gpu.attention.mha`, padded to 256 with segment ids) and its
-  Mosaic GPU (Hopper wgmma) kernels (`attention_mgpu`, 256 tokens: they take no padding mask,
-  so that row bounds the time, it is not a drop-in); the text tower's causal 77 (78) tokens;
+  Mosaic GPU (Hopper wgmma) kernels (`attention_mgpu`, 256 tokens in float16, which its
+  kernels need: they take no padding mask, so that row bounds the time, not a drop-in);
+  the text tower's causal 77 (78) tokens;
 - LayerNorm forward and backward on the (B * 197, 768) stream: `LayerNorm.normalize` as
   XLA fuses it, against Pallas' Triton `layer_norm`.
 
@@ -100,6 +101,9 @@ def attention_variants(batch: int):
         )
         return attention_mgpu.attention(q, k, v, config)
 
+    # Its kernels stage tiles in float16 buffers (jax 0.11.2): bf16 inputs fail to lower.
+    pallas_mosaic.dtype = jnp.float16
+
     return [
         ('image cudnn as the model runs it (198, kv_length 197)', 12, 198, 197, False,
          library('cudnn', kv_length=197)),
@@ -110,7 +114,7 @@ def attention_variants(batch: int):
         ('image pallas triton 256 (segment ids, 197 real)', 12, 256, 197, False,
          pallas_triton(197)),
         # Hopper wgmma kernels; no padding mask, so a bound on time, not a drop-in.
-        ('image pallas mosaic-gpu 256 unmasked', 12, 256, 256, False, pallas_mosaic),
+        ('image pallas mosaic-gpu 256 unmasked, float16', 12, 256, 256, False, pallas_mosaic),
         ('text cudnn causal as the model runs it (78, 77 real)', 8, 78, 77, True,
          library('cudnn', causal=True, kv_length=77)),
         ('text xla causal 77', 8, 77, 77, True, xla(True)),
@@ -122,7 +126,8 @@ def time_attention(batch: int, iters: int, head_dim: int = 64) -> list[dict]:
     rows = []
     for name, heads, tokens, real, causal, attend in attention_variants(batch):
         shape = (batch, tokens, heads, head_dim)
-        q, k, v, ct = (jnp.asarray(rng.normal(size=shape), jnp.bfloat16) for _ in range(4))
+        dtype = getattr(attend, 'dtype', jnp.bfloat16)
+        q, k, v, ct = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(4))
         ct = ct.astype(jnp.float32)
         flops = 4 * batch * heads * real * real * head_dim * (0.5 if causal else 1.0)
         row = {'name': name, 'shape_bthk': list(shape), 'real_tokens': real, 'causal': causal}

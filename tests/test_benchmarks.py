@@ -282,3 +282,23 @@ def test_cpu_matmul_forms_times_each_form_and_computes_the_same_products(monkeyp
     for mm, precision in cpu_matmul_forms.forms().values():
         with jax.default_matmul_precision(precision):
             np.testing.assert_allclose(jax.jit(mm)(x, w), want, rtol=1e-2)
+
+
+def test_gpu_kernels_times_what_this_backend_runs_and_records_the_rest(tmp_path):
+    from benchmarks import gpu_kernels
+
+    out = tmp_path / 'kernels.json'
+    gpu_kernels.main(['--batch', '2', '--iters', '1', '--out', str(out)])
+    r = json.loads(out.read_text())
+    rows = {row['name']: row for row in r['attention'] + r['layer_norm']}
+    assert len(rows) == 11  # 9 attention variants, 2 LayerNorms
+    for row in rows.values():  # each row is timed or says why not
+        timed = row.get('forward_ms', 0) > 0 and (
+            row.get('forward_backward_ms', 0) > 0 or row.get('backward_ms', 0) > 0
+        )
+        assert timed != ('error' in row), row
+    assert 'error' not in rows['image xla 197'] and 'error' not in rows['text xla causal 77']
+    assert 'error' not in rows['layernorm xla (normalize)']
+    if jax.default_backend() == 'cpu':  # cuDNN and Pallas' GPU kernels are GPU-only
+        assert 'cuDNN' in rows['image cudnn 198 unmasked']['error']
+        assert 'error' in rows['layernorm pallas triton']
