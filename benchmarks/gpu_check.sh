@@ -22,8 +22,8 @@
 # Everything lands in $OUT, in 6 files, 7 on an H200 (the device tool returns at most 8):
 # bench.log (with the quick start's last metric rows), two or three step JSONs, the kernels'
 # JSON, the HLO and trace of the first; COMPARE (below) adds one JSON per checkout compared, so
-# compare at most one on an H200. About 7.5 minutes on an H100 and 8 on an H200 (479 s in
-# session 18), plus a minute for each checkout compared. 'quick' stops after the
+# compare at most one on an H200. About 9 minutes on an H100 (521 s in session 22: the GPU
+# tests 171 s, the kernels ~60 s), plus a minute for each checkout compared. 'quick' stops after the
 # first benchmark; 'compare' runs an A/B alone (below). Each B/16 benchmark takes about a
 # minute (31-53 s of it compiling; 137 s with XLA's Triton GEMMs, which
 # pretrain.main.GPU_XLA_FLAGS turns off).
