@@ -31,13 +31,16 @@
 # On a machine without the project's pins installed (this workplace's GPU image has its own
 # jax), missing packages come as wheels in .whl/ (see the device tool's README): where the
 # python lacks them, they are installed under /tmp/site and put first on PYTHONPATH. The set
-# that session 11 carried to the H100 image (Python 3.12, its own jax 0.11.2 and flax), from
-# the repo's root, with .whl/ in .git/info/exclude:
+# that session 22 carried to the image (Python 3.12 with its own jax 0.11.2, flax 0.12.10,
+# optax 0.2.8 and orbax 0.12.4, which the code runs with), from the repo's root, with .whl/
+# in .git/info/exclude (5.4 MB; `run` with carry [".whl"]):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 --platform any -d .whl grain==0.2.18 \
 #     ml-collections==1.1.0 tensorboardX==2.6.5 simplejpeg==1.9.0 array-record==0.8.6 \
-#     cmeel-mimalloc==3.4.3 flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8 portpicker==1.6.0
+#     cmeel-mimalloc==3.4.3 portpicker==1.6.0
+# (Session 11 also carried the pinned flax, optax and orbax; the lines below drop them again
+# where they do not import with the image's jax.)
 set -u
 OUT=$(realpath -m "${OUT:-/tmp/gpu_check}")
 mkdir -p "$OUT"
