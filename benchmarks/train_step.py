@@ -390,6 +390,9 @@ def run_benchmark(args, overrides) -> dict:
     config = config_cli.build_config(args.config, overrides)
     t0 = time.perf_counter()
     mesh, objective, graphdef, state, shardings, train_step = build(config)
+    # The step takes the state as its list of arrays, as pretrain.train.run passes it.
+    treedef, arrays = jax.tree.structure(state), jax.tree.leaves(state)
+    del state
     init_s = time.perf_counter() - t0
 
     rows = config.batch_size // jax.process_count()
@@ -399,7 +402,7 @@ def run_benchmark(args, overrides) -> dict:
     with jax.set_mesh(mesh):
         batch = sharding.global_batch(host_batch, mesh)
         t0 = time.perf_counter()
-        lowered = train_step.lower(state, batch)
+        lowered = train_step.lower(arrays, batch)
         lower_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         compiled = lowered.compile()
@@ -409,13 +412,13 @@ def run_benchmark(args, overrides) -> dict:
         peak_before, peak_source = flops.peak_flops_per_device(matmul_precision=precision)
 
         # The compiled executable itself runs the steps: a sharding mismatch between the
-        # returned and the donated state would raise here rather than silently recompile.
+        # returned and the donated arrays would raise here rather than silently recompile.
         metrics = None
 
         def one_step():
-            nonlocal state, metrics
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready((state, metrics))
+            nonlocal arrays, metrics
+            arrays, metrics = compiled(arrays, batch)
+            jax.block_until_ready((arrays, metrics))
 
         t0 = time.perf_counter()
         one_step()  # slower (first page-in of buffers, runtime warm-up): timed apart, as warmup
@@ -432,17 +435,17 @@ def run_benchmark(args, overrides) -> dict:
             # an H100 idled 19 ms between CLIP B/16 steps of 162 kernel-ms: the state's
             # flattening and the dispatch; session 22). Each time: from one step's completion
             # to the next's.
-            nonlocal state, metrics
-            state, metrics = compiled(state, batch)
+            nonlocal arrays, metrics
+            arrays, metrics = compiled(arrays, batch)
             out, last = [], time.perf_counter()
             for _ in range(n):
                 previous = metrics
-                state, metrics = compiled(state, batch)
+                arrays, metrics = compiled(arrays, batch)
                 jax.block_until_ready(previous)
                 now = time.perf_counter()
                 out.append(now - last)
                 last = now
-            jax.block_until_ready((state, metrics))
+            jax.block_until_ready((arrays, metrics))
             return out
 
         last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
@@ -452,7 +455,15 @@ def run_benchmark(args, overrides) -> dict:
         profile = profile_steps(one_step, args) if args.profile_steps > 0 else None
         peak_after, _ = flops.peak_flops_per_device(matmul_precision=precision)
         parts = (
-            breakdown(graphdef, objective, state, batch, mesh, steps=args.steps, warmup=args.warmup)
+            breakdown(
+                graphdef,
+                objective,
+                jax.tree.unflatten(treedef, arrays),
+                batch,
+                mesh,
+                steps=args.steps,
+                warmup=args.warmup,
+            )
             if args.breakdown
             else None
         )

@@ -79,7 +79,15 @@ def make_train_step(graphdef, objective, *, lr_schedule, seed: int, grad_accum: 
 
 
 def jit_train_step(config, graphdef, objective, shardings, mesh):
-    """The train step of `config`, jitted with the state and batch shardings of `mesh`.
+    """The train step of `config` over the state's arrays, jitted with the shardings of `mesh`.
+
+    Returns `train_step(arrays, batch) -> (arrays, metrics)`, where `arrays` is the state's
+    flat list of arrays, `jax.tree.leaves(state)` (`jax.tree.unflatten(
+    jax.tree.structure(state), arrays)` gives the state back). A list crosses the jit
+    boundary in C++; an `nnx.State` rebuilds its ~900 Variables in Python on every call:
+    CLIP B/16's step took 20-25 ms to dispatch, 15 of them unflattening the returned
+    state, while an H100 waited 19 ms between blocked steps (benchmarks/README.md, session
+    22).
 
     The output state is pinned to its input shardings: under an Auto mesh GSPMD may hand
     replicated leaves back with another sharding and step 2 would recompile (DESIGN.md).
@@ -92,9 +100,18 @@ def jit_train_step(config, graphdef, objective, shardings, mesh):
         seed=config.seed,
         grad_accum=config.grad_accum,
     )
+    treedef = jax.tree.structure(shardings)  # the state's: shardings mirror it leaf by leaf
+    array_shardings = jax.tree.leaves(shardings)
+
+    def train_step(arrays, batch):
+        state, metrics = step_fn(jax.tree.unflatten(treedef, arrays), batch)
+        if jax.tree.structure(state) != treedef:  # at trace time: the leaves would misalign
+            raise ValueError('the train step returned a state of another structure')
+        return jax.tree.leaves(state), metrics
+
     return jax.jit(
-        step_fn,
-        in_shardings=(shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)),
+        train_step,
+        in_shardings=(array_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(array_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )

@@ -1,7 +1,8 @@
 """The training loop: init or restore, step, log, checkpoint, stop cleanly.
 
 Nothing here knows which objective runs: the config names them, `compose` builds them, and
-the loop only sees `train_step(state, batch) -> (state, metrics)`. Periodic work is a list
+the loop only sees `train_step(arrays, batch) -> (arrays, metrics)`, over the state's flat
+list of arrays (`step.jit_train_step` says why a list). Periodic work is a list
 of hooks with an `every`, so the loop body stays short.
 """
 
@@ -162,6 +163,10 @@ def run(config, workdir: str) -> dict:
             state = weights.maybe_load_init(config, state, shardings)  # config.init, if set
         last_good = start or None
         train_step = step_lib.jit_train_step(config, graphdef, objective, shardings, mesh)
+        # The loop carries the state as its list of arrays; hooks rebuild the nnx.State.
+        treedef, arrays = jax.tree.structure(state), jax.tree.leaves(state)
+        del state
+        as_state = lambda: jax.tree.unflatten(treedef, arrays)
 
         peak, peak_source = flops.peak_flops_per_device(
             matmul_precision=config.model.get('matmul_precision', 'default')
@@ -197,13 +202,13 @@ def run(config, workdir: str) -> dict:
         def save(step):
             nonlocal last_good
             # The prefetcher's state counts the batches consumed, not those placed ahead.
-            ckpt.save(step, state, data.get_state(), config_json, force=True)
+            ckpt.save(step, as_state(), data.get_state(), config_json, force=True)
             last_good = step
 
         def evaluate(step):
             # Every process runs this: the predict functions span the global mesh. It blocks
-            # until the results are on the host, so the next step may donate `state`.
-            model, _ = nnx.merge(graphdef, state)
+            # until the results are on the host, so the next step may donate the arrays.
+            model, _ = nnx.merge(graphdef, as_state())
             row = run_evaluators(evaluators, model)
             if is_main:
                 bar.write(metrics_lib.eval_line(step, row))  # above the bar, which stays
@@ -230,7 +235,7 @@ def run(config, workdir: str) -> dict:
                     tracing = True
                 with throughput.waiting_for_data():
                     batch = next(data)
-                state, device_metrics = train_step(state, batch)
+                arrays, device_metrics = train_step(arrays, batch)
                 watcher.watch(throughput.dispatched(), device_metrics)
                 stopping = agreement.poll()  # the same answer on every process
                 if tracing and step == p0 + pn:

@@ -143,6 +143,7 @@ def run_mesh(config, steps: int) -> dict:
         }
 
         train_step = step_lib.jit_train_step(config, graphdef, objective, shardings, mesh)
+        treedef, arrays = jax.tree.structure(state), jax.tree.leaves(state)
 
         losses, grad_norms, digests, times = [], [], [], []
         first_compiles = None
@@ -154,7 +155,7 @@ def run_mesh(config, steps: int) -> dict:
                 digests.append(_digest({k: np.asarray(v) for k, v in host_batch.items()}))
                 batch = sharding.global_batch(host_batch, mesh)
                 t0 = time.perf_counter()
-                state, metrics = train_step(state, batch)
+                arrays, metrics = train_step(arrays, batch)
                 m = jax.device_get({k: metrics[k] for k in ('loss', 'grad_norm')})
                 times.append(time.perf_counter() - t0)
                 losses.append(float(m['loss']))
@@ -172,6 +173,7 @@ def run_mesh(config, steps: int) -> dict:
             'all_backend_compiles_in_loop': len(compiles),
             'cache_size': int(train_step._cache_size()),
         }
+        state = jax.tree.unflatten(treedef, arrays)
         # The state after the steps keeps the shardings it was pinned to.
         out['state_shardings_kept'] = bool(
             all(
