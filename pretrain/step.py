@@ -84,10 +84,10 @@ def jit_train_step(config, graphdef, objective, shardings, mesh):
     Returns `train_step(arrays, batch) -> (arrays, metrics)`, where `arrays` is the state's
     flat list of arrays, `jax.tree.leaves(state)` (`jax.tree.unflatten(
     jax.tree.structure(state), arrays)` gives the state back). A list crosses the jit
-    boundary in C++; an `nnx.State` rebuilds its ~900 Variables in Python on every call:
-    CLIP B/16's step took 20-25 ms to dispatch, 15 of them unflattening the returned
-    state, while an H100 waited 19 ms between blocked steps (benchmarks/README.md, session
-    22).
+    boundary in C++; an `nnx.State` rebuilds its ~900 Variables in Python on every call.
+    With the State, a CLIP B/16 step took 10-25 ms to dispatch on CPU (15 ms to unflatten
+    the returned state alone), ~5 ms with the list, and an H100 idled 19 ms between
+    blocked steps (benchmarks/README.md, session 22).
 
     The output state is pinned to its input shardings: under an Auto mesh GSPMD may hand
     replicated leaves back with another sharding and step 2 would recompile (DESIGN.md).
