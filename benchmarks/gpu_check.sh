@@ -3,8 +3,9 @@
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [quick|compare]
 #
-# BATCH (512), STEPS (10) and TRAIN_STEPS (200) size steps 2 and 4; a CPU dry run of the
-# script itself: PYTHON=python BATCH=2 STEPS=1 TRAIN_STEPS=10 bash benchmarks/gpu_check.sh
+# BATCH (512), STEPS (10), KERNEL_ITERS (50) and TRAIN_STEPS (200) size steps 2 and 4; a CPU
+# dry run of the script itself (the GPU-only kernel rows then record their errors):
+#   PYTHON=python BATCH=2 STEPS=1 KERNEL_ITERS=2 TRAIN_STEPS=10 bash benchmarks/gpu_check.sh
 #
 # 1. the machine and the versions in use;
 # 2. CLIP ViT-B/16 at 224 in bf16 (configs/clip.py:b16), one GPU: benchmarks/train_step.py at
