@@ -131,22 +131,31 @@ def time_attention(batch: int, iters: int, head_dim: int = 64) -> list[dict]:
         ct = ct.astype(jnp.float32)
         flops = 4 * batch * heads * real * real * head_dim * (0.5 if causal else 1.0)
         row = {'name': name, 'shape_bthk': list(shape), 'real_tokens': real, 'causal': causal}
-        try:
+
+        def measure():  # called at once, inside this iteration
             fwd, fwd_bwd = forward_and_backward(attend)
-            row['forward_ms'] = median_ms(fwd, q, k, v, iters=iters)
-            row['forward_backward_ms'] = median_ms(fwd_bwd, q, k, v, ct, iters=iters)
-            row['forward_tflops'] = flops / row['forward_ms'] / 1e9
-            row['forward_backward_tflops'] = 3 * flops / row['forward_backward_ms'] / 1e9
-        except Exception as e:  # noqa: BLE001 - a variant this backend lacks is recorded
-            row['error'] = error_line(e)
-        rows.append(row)
-        print(row_line(row), flush=True)
+            forward = median_ms(fwd, q, k, v, iters=iters)
+            both = median_ms(fwd_bwd, q, k, v, ct, iters=iters)
+            return {
+                'forward_ms': forward,
+                'forward_backward_ms': both,
+                'forward_tflops': flops / forward / 1e9,
+                'forward_backward_tflops': 3 * flops / both / 1e9,
+            }
+
+        rows.append(measured_row(row, measure))
     return rows
 
 
-def error_line(e: Exception) -> str:
-    first = (str(e).splitlines() or [''])[0]
-    return f'{type(e).__name__}: {first[:300]}'
+def measured_row(row: dict, measure) -> dict:
+    """row with measure()'s figures, or with the error of a variant this backend lacks."""
+    try:
+        row.update(measure())
+    except Exception as e:  # noqa: BLE001 - recorded, and the other rows still run
+        first = (str(e).splitlines() or [''])[0]
+        row['error'] = f'{type(e).__name__}: {first[:300]}'
+    print(row_line(row), flush=True)
+    return row
 
 
 def time_layer_norm(batch: int, iters: int, tokens: int = 197, width: int = 768) -> list[dict]:
@@ -168,18 +177,19 @@ def time_layer_norm(batch: int, iters: int, tokens: int = 197, width: int = 768)
     rows = []
     variants = (('layernorm xla (normalize)', ours), ('layernorm pallas triton', pallas_triton))
     for name, fn in variants:
-        row = {'name': name, 'shape': list(x.shape)}
-        try:
-            fwd = jax.jit(fn)
-            bwd = jax.jit(lambda x, dy: jax.vjp(fn, x)[1](dy)[0])
-            row['forward_ms'] = median_ms(fwd, x, iters=iters)
-            row['backward_ms'] = median_ms(bwd, x, dy, iters=iters)
-            row['forward_gbps'] = 2 * nbytes / row['forward_ms'] / 1e6
-            row['backward_gbps'] = 3 * nbytes / row['backward_ms'] / 1e6
-        except Exception as e:  # noqa: BLE001
-            row['error'] = error_line(e)
-        rows.append(row)
-        print(row_line(row), flush=True)
+
+        def measure():  # called at once, inside this iteration
+            backward_fn = jax.jit(lambda x, dy: jax.vjp(fn, x)[1](dy)[0])
+            forward = median_ms(jax.jit(fn), x, iters=iters)
+            backward = median_ms(backward_fn, x, dy, iters=iters)
+            return {
+                'forward_ms': forward,
+                'backward_ms': backward,
+                'forward_gbps': 2 * nbytes / forward / 1e6,
+                'backward_gbps': 3 * nbytes / backward / 1e6,
+            }
+
+        rows.append(measured_row({'name': name, 'shape': list(x.shape)}, measure))
     return rows
 
 
