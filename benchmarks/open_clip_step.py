@@ -1,6 +1,6 @@
 """open_clip's train step on the model `train_step.py` times: the same-machine comparison.
 
-    pip install torch open_clip_torch    # a separate venv: neither is a dependency here
+    pip install torch open_clip_torch cmeel-mimalloc   # own venv: torch is no dependency here
     python -m benchmarks.open_clip_step --compare benchmarks/results/train_step_cpu_ti_ctx64.json \
         [--steps 10] [--warmup 3] [--compile] [--out benchmarks/results/open_clip_step_cpu.json]
 
@@ -13,24 +13,25 @@ at 1.0 and an AdamW update, on random images and token ids (`optimizer.zero_grad
 default; `--compile` times `torch.compile` of the model too (open_clip's --torchcompile).
 
 Same conditions as ours: the allocator is the product's (`pretrain.allocator`: the same
-re-execution and PRETRAIN_MALLOC choices),
-torch uses every core, and the MFU is the JSON's analytic FLOPs over the JSON's peak (the
-JAX-measured 2048^3 f32 matmul rate). The JSON gets both step times and their ratio, and
-torch's own 2048^3 matmul rate for reference. Nothing here imports jax, so the torch venv
-needs only this repository on the path (run it from the repository root).
+re-execution and PRETRAIN_MALLOC choices; mimalloc only where this venv has cmeel-mimalloc,
+and a warning when the JSON's run had another allocator: on the Zen 4 EPYC of session 23
+open_clip's bf16-autocast step took 2.4-3.0 s with the glibc tunables and 1.26 s with
+mimalloc), torch uses every core, and the MFU is the JSON's analytic FLOPs over the JSON's
+peak (the JAX-measured 2048^3 f32 matmul rate). The JSON gets both step times and their
+ratio, and torch's own 2048^3 matmul rate for reference. Nothing here imports jax, so the
+torch venv needs only this repository on the path (run it from the repository root).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
 
 from benchmarks import results_io
-from benchmarks.train_step import summarise  # numpy only at import: no jax
+from benchmarks.train_step import allocator_info, summarise  # numpy only at import: no jax
 from pretrain.allocator import ensure_fast_malloc
 
 
@@ -142,6 +143,13 @@ def main(argv=None):
     config, batch = ours['config'], ours['batch_size']
     flops, peak = ours['flops']['analytic_per_step'], ours['peak']['total_flops']
     ours_median = ours['timing']['step']['median_s']
+    allocator, ours_allocator = allocator_info(), ours.get('allocator', {}).get('kind')
+    if ours_allocator and allocator['kind'] != ours_allocator:
+        print(
+            f"warning: ours ran with {ours_allocator}, open_clip runs with {allocator['kind']}: "
+            'install cmeel-mimalloc here (or set PRETRAIN_MALLOC alike) to compare like with like',
+            file=sys.stderr,
+        )
     model = open_clip_model(config['model'])
     results = {
         'eager': time_steps(torch, model, batch, config, steps=args.steps, warmup=args.warmup)
@@ -165,11 +173,7 @@ def main(argv=None):
         'torch_matmul_flops_per_s': matmul_rate(torch),
         'threads': torch.get_num_threads(),
         'parameters': sum(p.numel() for p in model.parameters()),
-        'allocator': {
-            k: os.environ[k]
-            for k in ('PRETRAIN_MALLOC', 'LD_PRELOAD', 'GLIBC_TUNABLES', 'MIMALLOC_PURGE_DELAY')
-            if k in os.environ
-        },
+        'allocator': allocator,
         'ours_median_s': ours_median,
         'versions': {'torch': torch.__version__, 'python': platform.python_version()},
     }
