@@ -74,10 +74,10 @@ def get_config(arg: str | None = None):
             embed_dim=512,
             dtype='bfloat16',
             # Remat, so that large per-device shares of the 32k fit (launch/gke_jobset.yaml's
-            # 16 GPUs hold 2,048 each: ~4x the 6 GB below). One H100, batch 512:
-            # 'nothing_saveable' 0.250 s/step with 6 GB of XLA temporaries, 'dots_saveable'
-            # 0.227 s / 23 GB, 'none' 0.199 s / 50 GB (benchmarks/README.md):
-            # --config.model.remat=none where that fits.
+            # 16 GPUs hold 2,048 each: ~4x the 5 GB below). One H100, batch 512 (session 22):
+            # 'nothing_saveable' 0.208 s/step with 5.3 GB of XLA temporaries, 'none' 0.179 s /
+            # 39 GB; 'dots_saveable' took 0.227 s / 23 GB against 0.250 / 0.199 s for the two
+            # in session 8 (benchmarks/README.md): --config.model.remat=none where that fits.
             remat='nothing_saveable',
         )
         config.optim = common.optim_config(lr=5e-4, warmup_steps=2_000, weight_decay=0.2)
