@@ -333,14 +333,14 @@ def summarise(times: list[float]) -> dict:
 def build(config):
     """(mesh, objective, graphdef, state, shardings, jitted step), as pretrain.train.run does."""
     import jax
-    from pretrain import sharding, step as step_lib, train
+    from pretrain import sharding, train
     from pretrain.objectives import compose
 
     mesh = sharding.make_mesh(config.mesh)
     objective = compose.build_objective(config.objectives)
     with jax.set_mesh(mesh):
         graphdef, state, shardings = train.init_train_state(config, mesh)
-        train_step = step_lib.jit_train_step(config, graphdef, objective, shardings, mesh)
+        train_step = train.make_train_step(config, graphdef, objective, shardings, mesh)
     return mesh, objective, graphdef, state, shardings, train_step
 
 
@@ -567,6 +567,9 @@ def run_benchmark(args, overrides) -> dict:
         },
         'env': {k: v for k, v in os.environ.items() if k.startswith(('XLA_', 'JAX_'))},
         'model': config.model.to_dict(),
+        # model.remat='auto': the policy its first call chose, and why (pretrain/auto_remat.py)
+        'remat': getattr(train_step, 'remat', None) or config.model.get('remat'),
+        'remat_report': getattr(train_step, 'report', None),
         'config': json.loads(config.to_json_best_effort()),
     }
     return result

@@ -73,12 +73,13 @@ def get_config(arg: str | None = None):
             text=common.text_config('B', context_length=77),
             embed_dim=512,
             dtype='bfloat16',
-            # Remat, so that large per-device shares of the 32k fit (launch/gke_jobset.yaml's
-            # 16 GPUs hold 2,048 each: ~4x the 5 GB below). One H100, batch 512 (session 22):
-            # 'nothing_saveable' 0.208 s/step with 5.3 GB of XLA temporaries, 'none' 0.179 s /
-            # 39 GB; 'dots_saveable' took 0.227 s / 23 GB against 0.250 / 0.199 s for the two
-            # in session 8 (benchmarks/README.md): --config.model.remat=none where that fits.
-            remat='nothing_saveable',
+            # 'auto' (pretrain/auto_remat.py): no remat where XLA says the compiled step fits
+            # the device's free memory, else 'nothing_saveable'. One H100, batch 512 (session
+            # 22): 'none' 0.179 s/step with 39 GB of XLA temporaries, 'nothing_saveable'
+            # 0.208 s / 5.3 GB, 'dots_saveable' 0.227 s / 23 GB (benchmarks/README.md). The
+            # 32k batch on launch/gke_jobset.yaml's 16 GPUs is 2,048 per GPU: ~4x those
+            # figures, so 'nothing_saveable' there; 'none' at 512 per 80 GB GPU.
+            remat='auto',
         )
         config.optim = common.optim_config(lr=5e-4, warmup_steps=2_000, weight_decay=0.2)
         config.input = common.shapes_input(image_size=224, context_length=77)

@@ -21,7 +21,8 @@ import jax
 from flax import nnx
 
 from input_pipeline import pipeline
-from pretrain import checkpoint, config_cli, flops, metrics as metrics_lib, optim, sharding
+from pretrain import auto_remat, checkpoint, config_cli, flops, metrics as metrics_lib, optim
+from pretrain import sharding
 from pretrain import step as step_lib
 from pretrain import weights
 from pretrain.evaluators import build_evaluators, run_evaluators
@@ -115,6 +116,22 @@ def init_train_state(config, mesh):
     return graphdef, jax.jit(create, out_shardings=shardings)(), shardings
 
 
+def make_train_step(config, graphdef, objective, shardings, mesh, *, say=log.info):
+    """The jitted train step (step.jit_train_step), or with `model.remat='auto'` one that
+    picks its remat policy at its first call (auto_remat), each candidate built as its own
+    model: remat changes the graph, not the parameters, so the state serves them all."""
+    if config.model.get('remat') != 'auto':
+        return step_lib.jit_train_step(config, graphdef, objective, shardings, mesh)
+
+    def build(remat: str):
+        remat_config = config.copy_and_resolve_references()
+        remat_config.model.remat = remat
+        remat_graphdef = abstract_train_state(remat_config, mesh)[0]
+        return step_lib.jit_train_step(remat_config, remat_graphdef, objective, shardings, mesh)
+
+    return auto_remat.AutoRematStep(build, say=say)
+
+
 def _finite(host_metrics: dict) -> bool:
     return all(math.isfinite(float(host_metrics[k])) for k in ('loss', 'grad_norm'))
 
@@ -162,7 +179,9 @@ def run(config, workdir: str) -> dict:
             graphdef, state, shardings = init_train_state(config, mesh)
             state = weights.maybe_load_init(config, state, shardings)  # config.init, if set
         last_good = start or None
-        train_step = step_lib.jit_train_step(config, graphdef, objective, shardings, mesh)
+        # With model.remat='auto' its report comes at the first step, above the bar.
+        say = lambda line: bar.write(line) if is_main else None
+        train_step = make_train_step(config, graphdef, objective, shardings, mesh, say=say)
         # The loop carries the state as its list of arrays; hooks rebuild the nnx.State.
         treedef, arrays = jax.tree.structure(state), jax.tree.leaves(state)
         del state

@@ -518,13 +518,19 @@ class Block(nnx.Module):
 
 
 def remat_policy(name: str):
-    """Config name -> jax.checkpoint policy; 'none' means no rematerialisation."""
-    if name == 'none':
+    """Config name -> jax.checkpoint policy; 'none' means no rematerialisation.
+
+    'auto' builds as 'none': the train step picks the policy at its first step
+    (pretrain/auto_remat.py) and builds its own model with it.
+    """
+    if name in ('none', 'auto'):
         return None
     policy = getattr(jax.checkpoint_policies, name, None)
     if policy is None:
         valid = [p for p in dir(jax.checkpoint_policies) if not p.startswith('_')]
-        raise ValueError(f"unknown remat policy '{name}'; valid: none, {', '.join(valid)}")
+        raise ValueError(
+            f"unknown remat policy '{name}'; valid: none, auto, {', '.join(valid)}"
+        )
     return policy
 
 
@@ -566,7 +572,7 @@ class Encoder(nnx.Module):
             ]
         )
         self.policy = remat_policy(remat)
-        self.remat = remat != 'none'
+        self.remat = self.policy is not None
 
     def __call__(self, x, *, mask=None, is_causal: bool = False):
         t = x.shape[1]
