@@ -367,6 +367,11 @@ def test_remat_gives_the_same_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g0, g1)
     with pytest.raises(ValueError, match='unknown remat policy'):
         layers.remat_policy('everything')
+    # A policy factory needs arguments a config string cannot give: not offered, refused.
+    assert 'nothing_saveable' in layers.remat_policy_names()
+    assert 'save_only_these_names' not in layers.remat_policy_names()
+    with pytest.raises(ValueError, match="unknown remat policy 'save_only_these_names'"):
+        layers.remat_policy('save_only_these_names')
 
 
 @pytest.mark.parametrize('d_in,d_out', [(24, 8), (8, 24)])

@@ -7,6 +7,8 @@ d model width, f mlp width, h heads, k head dim.
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -525,13 +527,27 @@ def remat_policy(name: str):
     """
     if name in ('none', 'auto'):
         return None
-    policy = getattr(jax.checkpoint_policies, name, None)
-    if policy is None:
-        valid = [p for p in dir(jax.checkpoint_policies) if not p.startswith('_')]
+    if name not in remat_policy_names():
         raise ValueError(
-            f"unknown remat policy '{name}'; valid: none, auto, {', '.join(valid)}"
+            f"unknown remat policy '{name}'; valid: none, auto, "
+            + ', '.join(remat_policy_names())
         )
-    return policy
+    return getattr(jax.checkpoint_policies, name)
+
+
+def remat_policy_names() -> list[str]:
+    """The jax.checkpoint_policies that are policies themselves, called per primitive with
+    its parameters as keywords; not the factories beside them (save_only_these_names(...)
+    and the like), which a config string cannot call."""
+    names = []
+    for name in dir(jax.checkpoint_policies):
+        fn = getattr(jax.checkpoint_policies, name)
+        if name.startswith('_') or not callable(fn):
+            continue
+        kinds = [p.kind for p in inspect.signature(fn).parameters.values()]
+        if inspect.Parameter.VAR_KEYWORD in kinds:
+            names.append(name)
+    return names
 
 
 class Encoder(nnx.Module):
