@@ -387,18 +387,14 @@ class Attention(nnx.Module):
             raise ValueError('kv_length (padded tokens) is for the cuDNN attention path only')
         heads_first_cpu = self.implementation == 'auto' and jax.default_backend() == 'cpu'
         heads = lambda y: y.reshape(b, t, self.heads, d // self.heads)
-        if heads_first_cpu and not bf16_matmul_operands():
-            # f32 on CPU: one (N, 3d) matmul; as three, the ViT-Ti step was 4% slower.
-            (qkv,) = self.qkv.split(x_btd, 1, norm=norm, bias=False)
-            q, k, v = map(heads, jnp.split(qkv, 3, axis=-1))
-        else:
-            # q, k and v as three matmuls, each into its own buffer. Slicing one (B, T, 3, H,
-            # K) output copied all three for cuDNN, and the backward concatenated their
-            # gradients (11 of 175 kernel-ms per CLIP B/16 step on the H100); three matmuls:
-            # step 0.183 -> 0.179 s. With bf16 operands on CPU each gradient then goes to its
-            # own bf16 dot: ViT-Ti step 0.921 / 0.899 -> 0.880 / 0.852 s, DreamLIP tiny 0.48
-            # -> 0.44 s, alternated (benchmarks/README.md).
-            q, k, v = map(heads, self.qkv.split(x_btd, 3, norm=norm, bias=not heads_first_cpu))
+        # q, k and v as three matmuls, each into its own buffer. Slicing one (B, T, 3, H, K)
+        # output copied all three for cuDNN, and the backward concatenated their gradients
+        # (11 of 175 kernel-ms per CLIP B/16 step on the H100); three matmuls: step 0.183 ->
+        # 0.179 s. On CPU each gradient then goes to its own dot: with bf16 operands ViT-Ti
+        # 0.921 / 0.899 -> 0.880 / 0.852 s and DreamLIP tiny 0.48 -> 0.44 s; in f32 (once
+        # attention added the qkv bias per chunk) ViT-Ti 1.706 / 1.615 / 1.867 / 1.783 ->
+        # 1.697 / 1.560 / 1.760 / 1.739 s, alternated (benchmarks/README.md).
+        q, k, v = map(heads, self.qkv.split(x_btd, 3, norm=norm, bias=not heads_first_cpu))
         if heads_first_cpu:
             # 8 batch chunks keep each chunk's (B/8, H, T, T) scores (0.8 MB for ViT-Ti) in
             # L2 and give XLA independent ops: ViT-Ti CLIP step -3% on one core
