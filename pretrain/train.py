@@ -124,6 +124,8 @@ def make_train_step(config, graphdef, objective, shardings, mesh, *, say=log.inf
         return step_lib.jit_train_step(config, graphdef, objective, shardings, mesh)
 
     def build(remat: str):
+        if remat == 'none':  # 'auto' built the model as 'none' already
+            return step_lib.jit_train_step(config, graphdef, objective, shardings, mesh)
         remat_config = config.copy_and_resolve_references()
         remat_config.model.remat = remat
         remat_graphdef = abstract_train_state(remat_config, mesh)[0]

@@ -523,11 +523,9 @@ def remat_policy(name: str):
     """
     if name in ('none', 'auto'):
         return None
-    if name not in remat_policy_names():
-        raise ValueError(
-            f"unknown remat policy '{name}'; valid: none, auto, "
-            + ', '.join(remat_policy_names())
-        )
+    valid = remat_policy_names()
+    if name not in valid:
+        raise ValueError(f"unknown remat policy '{name}'; valid: none, auto, {', '.join(valid)}")
     return getattr(jax.checkpoint_policies, name)
 
 
