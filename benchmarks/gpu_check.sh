@@ -10,8 +10,8 @@
 # 1. the machine and the versions in use;
 # 2. CLIP ViT-B/16 at 224 in bf16 (configs/clip.py:b16), one GPU: benchmarks/train_step.py at
 #    batch 512 with remat off and cuDNN attention via 'auto', 3 traced steps for the top ops,
-#    the trace and the optimised HLO kept; attention and LayerNorm timed alone by
-#    implementation (benchmarks/gpu_kernels.py); the step as `:b16` ships (remat 'auto',
+#    the trace and the optimised HLO kept; with KERNELS=1, attention and LayerNorm timed alone
+#    by implementation (benchmarks/gpu_kernels.py); the step as `:b16` ships (remat 'auto',
 #    which should pick 'none' at 512: its JSON's remat_report says); on a GPU of over
 #    120 GB (the H200) also twice the batch with remat off.
 #    (Earlier rows for other remat policies and cuBLASLt's epilogues are in
@@ -20,12 +20,14 @@
 #    and gradients; cuDNN attention against XLA's in bf16);
 # 4. the quick start's config (configs/dreamlip.py) trained for 200 steps on the GPU, with its
 #    loader processes, an evaluation, checkpoints and metrics, as a user runs it.
-# Everything lands in $OUT, in 6 files, 7 on an H200 (the device tool returns at most 8):
-# bench.log (with the quick start's last metric rows), two or three step JSONs, the kernels'
-# JSON, the HLO and trace of the first; COMPARE (below) adds one JSON per checkout compared, so
-# compare at most one on an H200. About 9 minutes on an H100 (521 s in session 22: the GPU
-# tests 171 s, the kernels ~60 s), plus a minute for each checkout compared. 'quick' stops after the
-# first benchmark; 'compare' runs an A/B alone (below). Each B/16 benchmark takes about a
+# Everything lands in $OUT, in 5 files, 6 on an H200, one more with KERNELS=1 (the device
+# tool returns at most 8): bench.log (with the quick start's last metric rows), two or three
+# step JSONs, the HLO and trace of the first, the kernels' JSON; COMPARE (below) adds one JSON
+# per checkout compared. About 8 minutes on an H100 (521 s in session 22 with the kernels'
+# ~60 s: the GPU tests 171 s), plus a minute for each checkout compared, which with a session's
+# 15 minutes of device time (the machine's start included) leaves room for one rerun of
+# 'quick' at most. 'quick' stops after the first benchmark; 'compare' runs an A/B alone
+# (below). Each B/16 benchmark takes about a
 # minute (31-53 s of it compiling; 137 s with XLA's Triton GEMMs, which
 # pretrain.main.GPU_XLA_FLAGS turns off).
 #
@@ -108,8 +110,11 @@ bench_compared
 # without the padding mask and at other lengths, XLA's, Pallas' Triton and Mosaic GPU
 # kernels): where the ~25 ms of attention and ~17 ms of LayerNorm per step could go. (The
 # whole step with XLA's attention was 37% slower than with cuDNN's on the H200, session 18.)
-timeout 200 $PY -m benchmarks.gpu_kernels --batch ${BATCH:-512} --iters ${KERNEL_ITERS:-50} \
-    --out "$OUT/kernels.json" 2>&1 | grep -v '^W0000\|^I0000' | tail -14 | tee -a "$OUT/bench.log"
+# Session 22 ran these (benchmarks/README.md): KERNELS=1 runs them again (about a minute).
+if [ "${KERNELS:-0}" = 1 ]; then
+    timeout 200 $PY -m benchmarks.gpu_kernels --batch ${BATCH:-512} --iters ${KERNEL_ITERS:-50} \
+        --out "$OUT/kernels.json" 2>&1 | grep -v '^W0000\|^I0000' | tail -14 | tee -a "$OUT/bench.log"
+fi
 bench clip_b16_shipped --label 'as shipped: remat auto, attention auto'
 grep -h -o '"remat_report": "[^"]*"' "$OUT/clip_b16_shipped.json" | tee -a "$OUT/bench.log"
 # Where the GPU holds twice the activations (the H200's 141 GB), batch 1024 with remat off:

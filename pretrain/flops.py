@@ -79,7 +79,10 @@ def train_step_flops(config, fields=('image', 'text')) -> float:
 
 
 # bf16 dense peak per chip (vendor datasheets, no sparsity).
+# Matched in this order against the device kind, a name as part of it: 'GB200' first.
 PEAK_FLOPS = {
+    'GB200': 2500e12,
+    'B200': 2250e12,
     'H100': 989e12,
     'H200': 989e12,
     'A100': 312e12,

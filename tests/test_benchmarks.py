@@ -79,6 +79,22 @@ def test_train_step_benchmark_writes_sane_json(python, tmp_path):
     assert np.isfinite(r['last_metrics']['loss'])
 
 
+def test_accelerator_peaks_come_from_the_device_kind():
+    from types import SimpleNamespace
+
+    from pretrain import flops
+
+    def peak(kind):
+        return flops.peak_flops_per_device(SimpleNamespace(platform='gpu', device_kind=kind))
+
+    assert peak('NVIDIA H100 80GB HBM3') == (989e12, 'H100 bf16 dense datasheet peak')
+    assert peak('NVIDIA B200')[0] == 2250e12
+    assert peak('NVIDIA GB200')[0] == 2500e12  # not B200's, which its name contains
+    assert peak('TPU v5 lite')[0] == 197e12
+    rate, source = peak('Some Future Chip')
+    assert np.isnan(rate) and 'Some Future Chip' in source
+
+
 def test_allocator_info_names_what_is_in_force(monkeypatch):
     if bench.allocator_info()['preloaded_libs']:
         pytest.skip('this pytest process runs with a preloaded allocator')
