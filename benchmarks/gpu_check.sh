@@ -27,9 +27,8 @@
 # ~60 s: the GPU tests 171 s), plus a minute for each checkout compared, which with a session's
 # 15 minutes of device time (the machine's start included) leaves room for one rerun of
 # 'quick' at most. 'quick' stops after the first benchmark; 'compare' runs an A/B alone
-# (below). Each B/16 benchmark takes about a
-# minute (31-53 s of it compiling; 137 s with XLA's Triton GEMMs, which
-# pretrain.main.GPU_XLA_FLAGS turns off).
+# (below). Each B/16 benchmark takes about a minute (31-53 s of it compiling; 137 s with
+# XLA's Triton GEMMs, which pretrain.main.GPU_XLA_FLAGS turns off).
 #
 # On a machine without the project's pins installed (this workplace's GPU image has its own
 # jax), missing packages come as wheels in .whl/ (see the device tool's README): where the

@@ -3,6 +3,7 @@
 import gzip
 import json
 import sys
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from pretrain import config_cli
+from pretrain import config_cli, flops
 
 if ROOT not in sys.path:  # benchmarks/ is a folder of scripts, not an installed package
     sys.path.insert(0, ROOT)
@@ -80,10 +81,6 @@ def test_train_step_benchmark_writes_sane_json(python, tmp_path):
 
 
 def test_accelerator_peaks_come_from_the_device_kind():
-    from types import SimpleNamespace
-
-    from pretrain import flops
-
     def peak(kind):
         return flops.peak_flops_per_device(SimpleNamespace(platform='gpu', device_kind=kind))
 
