@@ -1,7 +1,6 @@
 """The training command as a user runs it: workdir contents, errors, resume, signals, NaN."""
 
 import json
-import math
 import os
 import re
 import shutil
@@ -76,32 +75,6 @@ def test_training_writes_metrics_tensorboard_config_and_checkpoints(python, tmp_
     # The terminal shows each evaluation's headline figures as it runs.
     line = next(x for x in proc.stdout.splitlines() if x.startswith('step 40 eval ('))
     assert 'zeroshot/top1' in line and 'retrieval/i2t_r1' in line and 'dense_zeroshot/miou' in line
-
-
-def test_default_recipe_learns(python, tmp_path):
-    """The quick-start DreamLIP run on shapes, shortened to 60 steps: every term must fall."""
-    wd = str(tmp_path / 'run')
-    python(
-        MAIN
-        + [
-            '--config',
-            'configs/dreamlip.py',
-            '--workdir',
-            wd,
-            '--config.total_steps=60',
-            '--config.log_every=10',
-            '--config.progress=false',
-            '--config.eval_every=0',
-        ]
-    )
-    first, last = read_metrics(wd)[0], read_metrics(wd)[-1]
-    terms = ('clip', 'multipos', 'grouping')
-    # Measured at steps 10 -> 60: total 17.08 -> 15.53, clip 4.89 -> 4.72 (chance log 128 =
-    # 4.85), multipos 6.24 -> 5.80, grouping 5.96 -> 5.01. Demand about half of that fall.
-    assert last['train/loss'] < first['train/loss'] - 0.7, (first, last)
-    for term in terms:
-        assert last[f'train/dreamlip/loss_{term}'] < first[f'train/dreamlip/loss_{term}'], term
-    assert last['train/dreamlip/loss_clip'] < math.log(128)
 
 
 @pytest.mark.parametrize(
