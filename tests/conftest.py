@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # test turns it on.
 os.environ['JAX_ENABLE_COMPILATION_CACHE'] = 'false'
 
+
+
+def read_metrics(workdir) -> list[dict]:
+    """The rows of a run's metrics.jsonl, in the order they were written."""
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
 
 @pytest.fixture(autouse=True, scope='session')
 def full_precision_matmuls_on_accelerators():

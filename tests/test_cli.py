@@ -11,14 +11,9 @@ import time
 
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, read_metrics
 
 MAIN = ['-m', 'pretrain.main']
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f]
 
 
 def losses(workdir):

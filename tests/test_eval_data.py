@@ -22,6 +22,7 @@ from PIL import Image
 from ml_collections import ConfigDict
 
 from configs import clip, common as config_common
+from conftest import read_metrics
 from input_pipeline import tokenizers, transforms
 from input_pipeline.sources import coco, image_folder, segmentation
 from pretrain import config_cli
@@ -634,8 +635,7 @@ def test_evaluate_command_on_real_data(python, tmp_path):
     )
     for metric in ('imagenet/top1', 'coco/i2t_r5', 'coco/t2i_r10', 'voc/miou'):
         assert f'eval/{metric}' in proc.stdout, proc.stdout
-    with open(os.path.join(wd, 'metrics.jsonl')) as f:
-        row = [json.loads(line) for line in f][-1]
+    row = read_metrics(wd)[-1]
     assert 0 <= row['eval/voc/miou'] <= 1 and 0 <= row['eval/coco/t2i_r1'] <= 1
     proc = python(
         ['-m', 'pretrain.evaluate', '--config', 'configs/eval_real.py:clip', '--workdir', wd]

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from configs import clip
-from conftest import TINY
+from conftest import TINY, read_metrics
 from input_pipeline.sources import shapes
 from pretrain import sharding, train
 from pretrain.evaluators import build_evaluators, common, run_evaluators
@@ -552,8 +552,7 @@ def test_evaluate_command_on_a_trained_workdir_and_on_an_empty_one(python, tmp_p
         ]
     )
     assert 'eval/zeroshot/top1' in proc.stdout and 'step 2' in proc.stdout
-    with open(os.path.join(wd, 'metrics.jsonl')) as f:
-        row = [json.loads(line) for line in f][-1]
+    row = read_metrics(wd)[-1]
     assert row['step'] == 2 and 0 <= row['eval/zeroshot/top1'] <= 1
     assert 'eval/retrieval/i2t_r1' in row and 'eval/dense_zeroshot/miou' in row
     assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(wd, 'tb')))

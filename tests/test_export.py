@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY, run_python
+from conftest import TINY, read_metrics, run_python
 from pretrain import config_cli, evaluate, export, sharding, train, weights
 
 SMALL_EVALS = [
@@ -76,14 +76,11 @@ def test_evaluate_an_export_and_a_workdir_without_config(run, capsys):
     )
     out = capsys.readouterr().out
     assert 'step 2' in out and 'eval/zeroshot/top1' in out
-    with open(os.path.join(wd, 'metrics.jsonl')) as f:
-        row = [json.loads(line) for line in f][-1]
+    row = read_metrics(wd)[-1]
     assert row['step'] == 2 and 0 <= row['eval/zeroshot/top1'] <= 1
     # The checkpoint itself, with no --config and none of the training overrides repeated.
     assert evaluate.main(['--workdir', wd, '--only', 'retrieval', *SMALL_EVALS]) == 0
-    with open(os.path.join(wd, 'metrics.jsonl')) as f:
-        rows = [json.loads(line) for line in f]
-    assert 'eval/retrieval/i2t_r1' in rows[-1]
+    assert 'eval/retrieval/i2t_r1' in read_metrics(wd)[-1]
 
 
 def test_init_from_an_export_fills_the_train_state(run):

@@ -6,14 +6,13 @@ evaluators on the same held-out scenes, so the margin is the training's, not the
 The trained figures are the run's own end-of-training evaluation row in metrics.jsonl.
 """
 
-import json
 import math
-import os
 
 import jax
 import pytest
 from flax import nnx
 
+from conftest import read_metrics
 from pretrain import config_cli, sharding, train
 from pretrain.evaluators import build_evaluators, run_evaluators
 
@@ -28,11 +27,6 @@ def random_init_metrics(spec: str, overrides: list[str], names=None) -> dict:
         return run_evaluators(build_evaluators(config, names), model)
 
 
-def read_rows(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f]
-
-
 def trained_metrics(python, spec: str, overrides: list[str], workdir: str) -> dict:
     """Trains with the product's entry point; returns the final evaluation row."""
     python(
@@ -40,7 +34,7 @@ def trained_metrics(python, spec: str, overrides: list[str], workdir: str) -> di
         + overrides,
         timeout=1800,  # the 600-step DreamLIP run takes ~17 minutes on one busy core
     )
-    return next(r for r in reversed(read_rows(workdir)) if 'eval/zeroshot/top1' in r)
+    return next(r for r in reversed(read_metrics(workdir)) if 'eval/zeroshot/top1' in r)
 
 
 def assert_beats(trained: dict, random: dict, margins: dict):
@@ -74,7 +68,7 @@ def test_short_default_run_lowers_every_loss_and_beats_random_init(python, tmp_p
     spec, workdir = 'configs/dreamlip.py', str(tmp_path / 'run')
     random = random_init_metrics(spec, SHORT, names=['zeroshot', 'retrieval'])
     trained = trained_metrics(python, spec, SHORT, workdir)
-    rows = read_rows(workdir)
+    rows = read_metrics(workdir)
     first, last = rows[0], rows[-1]
     assert [first['step'], last['step']] == [10, 60]
     # Measured at steps 10 -> 60 (seed 0, session 26, bf16 operands): total 5.43 -> 2.20,

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import F32_MATMULS, ROOT, TINY
+from conftest import F32_MATMULS, ROOT, TINY, read_metrics
 
 MAIN = ['-m', 'pretrain.main']
 # f32 matmuls: the runs below are compared across meshes and process counts.
@@ -27,11 +27,6 @@ RTOL = 1e-4  # the issue's bar; measured: bitwise equal for 2x1 vs 1x2 devices
 def launch(n, devices=1):
     """Arguments for run_python: `launch/local.py -n n` running pretrain.main."""
     return ['launch/local.py', '-n', str(n), '--devices_per_process', str(devices), '--']
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f]
 
 
 def losses(workdir):

@@ -1,7 +1,6 @@
 """Real-data configs through input_pipeline/pipeline.py and the trainer: sources from
 `config.input`, decode + crop + flip, bad records, start-up errors, and a short run."""
 
-import io
 import json
 import math
 import os
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY
+from conftest import TINY, read_metrics
 from fixtures_data import write_jsonl_with_bad_records
 from configs import clip_data, common
 from input_pipeline import pipeline, transforms
@@ -266,8 +265,7 @@ def test_training_on_a_jsonl_folder(python, tmp_path):
             '--config.checkpoint.every=6',
         ],
     )
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_metrics(workdir)
     assert [r['step'] for r in rows] == [3, 6]
     assert all(math.isfinite(r['train/loss']) for r in rows)
     # 6 steps x 16 = 96 reads of 65 records: the missing image is met at least once.

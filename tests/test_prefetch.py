@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
+from conftest import read_metrics
 from input_pipeline import transforms
 from input_pipeline.loader import make_loader
 from input_pipeline.sources.shapes import ShapesSource
@@ -157,9 +158,7 @@ def test_training_with_and_without_device_prefetch_logs_the_same_losses(tmp_path
         )
         workdir = str(tmp_path / str(device_prefetch))
         train.run(config_cli.build_config('configs/clip.py', overrides), workdir)
-        with open(f'{workdir}/metrics.jsonl') as f:
-            rows = [json.loads(line) for line in f]
-        return {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
+        return {r['step']: r['train/loss'] for r in read_metrics(workdir) if 'train/loss' in r}
 
     plain, prefetched = losses(0), losses(3)
     assert sorted(plain) == [1, 2, 3, 4]
